@@ -1,1 +1,142 @@
-pub fn placeholder() {}
+//! The presence server.
+//!
+//! # Layout
+//!
+//! - [`domain`]: the presence model, pure: sessions, statuses, versions,
+//!   visibility. No I/O.
+//! - [`store`]: one trait per backend (hot store, contacts, history, fan-out)
+//!   and the embedded implementations.
+//! - [`hub`]: this node's index of watchers, fed by the fan-out.
+//! - [`leases`]: this node's session leases, renewed in memory.
+//! - [`node`]: the presence operations on top of the backends.
+//! - [`watch`]: one WatchContacts stream.
+//! - [`api`]: the gRPC services; the only layer that knows protobuf.
+//! - [`auth`], [`config`], [`telemetry`]: tokens, options, logs.
+//!
+//! [`run`] serves a node on a listener until `shutdown` resolves, then drains.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod hub;
+pub mod leases;
+pub mod node;
+pub mod store;
+pub mod telemetry;
+pub mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use presence_proto::v1::contacts_service_server::ContactsServiceServer;
+use presence_proto::v1::presence_service_server::PresenceServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch as signal;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tower_http::cors::CorsLayer;
+
+use crate::api::Api;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::node::{Backends, Node};
+use crate::store::embedded::{
+    EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
+};
+
+/// Builds the backends the configuration names. Only the embedded ones exist
+/// in this build.
+pub async fn backends(config: &Config) -> anyhow::Result<Backends> {
+    if !config.redis_cluster.is_empty() || !config.scylla.is_empty() {
+        anyhow::bail!("--redis-cluster and --scylla are not supported by this build yet");
+    }
+    let hub = Arc::new(Hub::default());
+    Ok(Backends {
+        hot: Arc::new(EmbeddedHotStore::default()),
+        contacts: Arc::new(EmbeddedContactStore::default()),
+        history: EmbeddedHistoryStore::start(config.history_retention),
+        fanout: Arc::new(EmbeddedFanOut::new(hub.clone())),
+        hub,
+    })
+}
+
+/// Serves one node on `listener` until `shutdown` resolves, then drains:
+/// streams are told to go away, sessions linger through the grace period so
+/// their clients can move to another node, and the remaining ones end.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+    let auth = Arc::new(Authenticator::new(config.jwt_secret()?, config.limits.max_id_bytes));
+    let backends = backends(&config).await?;
+    let node = Node::new(config.clone(), node_id.clone(), backends);
+    let api = Api::new(node.clone(), auth);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PresenceServiceServer<Api>>().await;
+    health.set_serving::<ContactsServiceServer<Api>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(presence_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(presence_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max_message = config.limits.max_message_bytes;
+    let presence = PresenceServiceServer::new(api.clone())
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let contacts = ContactsServiceServer::new(api)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let (stop_sweeper, sweeper_stopped) = signal::channel(false);
+    let sweeper = tokio::spawn(node.clone().run_sweeper(sweeper_stopped));
+
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        node_id,
+        hot_store = "embedded",
+        history = "embedded",
+        staleness_bound_ms = config.staleness_bound().as_millis() as u64,
+        "presence server ready"
+    );
+
+    let draining_node = node.clone();
+    let drain = async move {
+        shutdown.await;
+        tracing::info!("draining: telling streams to go away");
+        health.set_not_serving::<PresenceServiceServer<Api>>().await;
+        draining_node.start_draining();
+    };
+
+    Server::builder()
+        .accept_http1(true)
+        .layer(CorsLayer::very_permissive())
+        .layer(tonic_web::GrpcWebLayer::new())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(presence)
+        .add_service(contacts)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+
+    // Sessions linger through the grace period; a client that reconnected
+    // elsewhere took its session over, the others end now.
+    node.wait_for_leases(config.grace + config.sweep_interval * 2).await;
+    stop_sweeper.send_replace(true);
+    sweeper.await?;
+    tracing::info!(sessions_left = node.session_count(), "drained");
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! The client's configuration: one struct, every option with its default.
+
+use std::time::Duration;
+
+use presence_proto::v1::Platform;
+
+use crate::Backoff;
+
+/// The endpoint used when none is configured.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+
+/// Everything [`PresenceClient::connect`](crate::PresenceClient::connect)
+/// needs. Build it from [`Default`] and override what differs:
+///
+/// ```
+/// use std::time::Duration;
+/// use presence_sdk::{ClientConfig, Platform};
+///
+/// let config = ClientConfig {
+///     endpoints: vec!["http://10.0.0.1:50051".into(), "http://10.0.0.2:50051".into()],
+///     token: Some("eyJhbGciOi...".into()),
+///     device_id: "chat-worker-7".into(),
+///     platform: Platform::Service,
+///     request_timeout: Duration::from_secs(3),
+///     ..ClientConfig::default()
+/// };
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Server URLs (`http://host:port`). Calls go to one at a time; whenever
+    /// the session or a watch has to reconnect (the node failed or sent a
+    /// go-away because it drains) the client moves on to the next one, round
+    /// robin. Default: `["http://127.0.0.1:50051"]`.
+    pub endpoints: Vec<String>,
+    /// The bearer token (a JWT) sent as `authorization: Bearer <token>` on
+    /// every call; `None` sends no `authorization` header. Can be replaced
+    /// later with [`PresenceClient::set_token`](crate::PresenceClient::set_token).
+    /// Default: `None`.
+    pub token: Option<String>,
+    /// This device's id for the session, [`touch`](crate::PresenceClient::touch)
+    /// and [`disconnect`](crate::PresenceClient::disconnect): 1 to 128 bytes,
+    /// stable across reconnects (and ideally across restarts) of the same
+    /// device, so a reconnect resumes the same session instead of creating a
+    /// second one. Default: empty, which those calls reject; queries and
+    /// watches do not need it.
+    pub device_id: String,
+    /// The kind of device, shown to the user themself and to admin callers.
+    /// Default: [`Platform::Service`].
+    pub platform: Platform,
+    /// How long setting up a connection to one endpoint may take.
+    /// Default: 5 s.
+    pub connect_timeout: Duration,
+    /// How long a unary call may take, and how long opening a stream may take
+    /// until the server answers with its headers; an open stream itself has
+    /// no deadline. Default: 10 s.
+    pub request_timeout: Duration,
+    /// HTTP/2 ping interval while streams are open, so a connection to a
+    /// vanished node is noticed (and the watch reconnects) even when no
+    /// presence changes flow. `None` disables pings. Default: 30 s.
+    pub keepalive_interval: Option<Duration>,
+    /// The delay between reconnect attempts of the session and of watches.
+    /// Default: 100 ms initial, 10 s max, factor 2, full jitter.
+    pub backoff: Backoff,
+    /// [`get_presence`](crate::PresenceClient::get_presence) splits longer id
+    /// lists into requests of at most this many ids; match the server's
+    /// `max-batch`. Default: 100.
+    pub max_batch: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec![DEFAULT_ENDPOINT.to_owned()],
+            token: None,
+            device_id: String::new(),
+            platform: Platform::Service,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            backoff: Backoff::default(),
+            max_batch: 100,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The default config pointed at one server.
+    pub fn with_endpoint(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoints: vec![endpoint.into()],
+            ..Self::default()
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The one typed configuration, from flags and environment variables. Every
+//! option has a documented default; `presence-server --help` lists them all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The development secret: only accepted with `--dev`, so a server started
+/// without it can never verify tokens anyone could mint.
+pub const DEV_JWT_SECRET: &str = "presence-development-secret-never-use-in-production";
+
+#[derive(Debug, Parser)]
+#[command(name = "presence-server", version, about = "Real-time online presence over gRPC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default when no subcommand is given).
+    Serve,
+    /// Mint a token for trying the API (needs --dev or --jwt-secret).
+    Token {
+        /// The user the token speaks for (its `sub` claim).
+        #[arg(long)]
+        user: String,
+        /// Grant the admin scope (internal services: contacts, any user).
+        #[arg(long)]
+        admin: bool,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    /// Address to serve gRPC, gRPC-web, health and reflection on.
+    #[arg(long, env = "PRESENCE_LISTEN", default_value = "127.0.0.1:50051", global = true)]
+    pub listen: SocketAddr,
+
+    /// This node's id, unique among the nodes sharing one Redis Cluster.
+    /// Default: a random id.
+    #[arg(long, env = "PRESENCE_NODE_ID", global = true)]
+    pub node_id: Option<String>,
+
+    /// Redis Cluster seed URLs, comma-separated (redis://host:port). Unset:
+    /// the embedded hot store and fan-out (single node).
+    #[arg(long, env = "PRESENCE_REDIS_CLUSTER", value_delimiter = ',', global = true)]
+    pub redis_cluster: Vec<String>,
+
+    /// ScyllaDB (or any CQL server) contact points, comma-separated host:port.
+    /// Unset: embedded contacts and history.
+    #[arg(long, env = "PRESENCE_SCYLLA_NODES", value_delimiter = ',', global = true)]
+    pub scylla: Vec<String>,
+
+    /// Secret that signs and verifies HS256 tokens (32 bytes or more).
+    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Development mode: the built-in secret and the `token` subcommand work.
+    #[arg(long, env = "PRESENCE_DEV", global = true)]
+    pub dev: bool,
+
+    /// How often clients are told to send heartbeats.
+    #[arg(long, env = "PRESENCE_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub heartbeat_interval: Duration,
+
+    /// A session ends when no heartbeat arrives for this long.
+    #[arg(long, env = "PRESENCE_LEASE", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub lease: Duration,
+
+    /// After a stream closes without Disconnect, how long the session waits
+    /// for the device to reconnect before it ends (against flapping).
+    #[arg(long, env = "PRESENCE_GRACE", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub grace: Duration,
+
+    /// How often expired leases are looked for.
+    #[arg(long, env = "PRESENCE_SWEEP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration, global = true)]
+    pub sweep_interval: Duration,
+
+    /// How long presence history is kept.
+    #[arg(long, env = "PRESENCE_HISTORY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
+    pub history_retention: Duration,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
+    /// Where to serve Prometheus metrics (/metrics). Unset: not served.
+    #[arg(long, env = "PRESENCE_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, env = "PRESENCE_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct LimitsConfig {
+    /// Largest message accepted or sent, in bytes.
+    #[arg(long, env = "PRESENCE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, global = true)]
+    pub max_message_bytes: usize,
+
+    /// Most user ids in one request (GetPresence, contacts calls, admin watches).
+    #[arg(long, env = "PRESENCE_MAX_BATCH", default_value_t = 100, global = true)]
+    pub max_batch: usize,
+
+    /// Most contacts per user.
+    #[arg(long, env = "PRESENCE_MAX_CONTACTS", default_value_t = 1000, global = true)]
+    pub max_contacts: usize,
+
+    /// Most live sessions (devices) per user.
+    #[arg(long, env = "PRESENCE_MAX_SESSIONS_PER_USER", default_value_t = 16, global = true)]
+    pub max_sessions_per_user: usize,
+
+    /// Most open WatchContacts streams per user.
+    #[arg(long, env = "PRESENCE_MAX_WATCHES_PER_USER", default_value_t = 16, global = true)]
+    pub max_watches_per_user: usize,
+
+    /// Most heartbeats per second one session may send (bursts of this size
+    /// are allowed).
+    #[arg(long, env = "PRESENCE_MAX_BEATS_PER_SECOND", default_value_t = 5, global = true)]
+    pub max_beats_per_second: u32,
+
+    /// Longest custom message, in bytes.
+    #[arg(long, env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES", default_value_t = 256, global = true)]
+    pub max_custom_message_bytes: usize,
+
+    /// Longest user or device id, in bytes.
+    #[arg(long, env = "PRESENCE_MAX_ID_BYTES", default_value_t = 128, global = true)]
+    pub max_id_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no token secret: set --jwt-secret (PRESENCE_JWT_SECRET), or pass --dev to use the development secret")]
+    NoSecret,
+    #[error("the development secret is refused outside --dev")]
+    DevSecretOutsideDev,
+    #[error("--jwt-secret must be at least 32 bytes")]
+    ShortSecret,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Checks the options against each other; called before anything binds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.jwt_secret()?;
+        if self.heartbeat_interval >= self.lease {
+            return Err(ConfigError::Invalid(
+                "--heartbeat-interval must be shorter than --lease".into(),
+            ));
+        }
+        if self.sweep_interval.is_zero() || self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--sweep-interval and --heartbeat-interval must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The secret tokens are verified with.
+    pub fn jwt_secret(&self) -> Result<&str, ConfigError> {
+        match (&self.jwt_secret, self.dev) {
+            (Some(secret), false) if secret == DEV_JWT_SECRET => Err(ConfigError::DevSecretOutsideDev),
+            (Some(secret), false) if secret.len() < 32 => Err(ConfigError::ShortSecret),
+            (Some(secret), _) => Ok(secret),
+            (None, true) => Ok(DEV_JWT_SECRET),
+            (None, false) => Err(ConfigError::NoSecret),
+        }
+    }
+
+    /// The worst case between a client vanishing and its contacts seeing it
+    /// offline: the lease runs out, then a sweep finds it. A closed stream
+    /// waits `grace` instead of the lease, which is shorter.
+    pub fn staleness_bound(&self) -> Duration {
+        self.lease.max(self.grace) + self.sweep_interval
+    }
+}

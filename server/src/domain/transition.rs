@@ -1,0 +1,209 @@
+//! Every change to a user's hot state is a [`Mutation`] applied by [`apply`].
+//! Hot stores load the record, apply, and write it back atomically, so the
+//! rules live here once.
+
+use super::model::{
+    Activity, ChosenStatus, OfflineReason, Session, Shown, UserRecord, VisibleStatus,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// A device opens its session through a new connection, or reopens it
+    /// after a reconnect (keeping `connected_since`).
+    Open {
+        session: Session,
+        status: Option<(ChosenStatus, String)>,
+    },
+    /// A change sent on the connection that holds the session. If the session
+    /// is missing (a hot store that lost its data) it is put back, because the
+    /// node holding the connection knows it is live.
+    Update {
+        session: Session,
+        activity: Option<Activity>,
+        status: Option<(ChosenStatus, String)>,
+    },
+    /// A unary heartbeat: opens the session if absent, otherwise renews it and
+    /// moves it to the connection and node that received the call.
+    Touch {
+        session: Session,
+        activity: Option<Activity>,
+    },
+    SetStatus {
+        chosen: ChosenStatus,
+        custom_message: String,
+    },
+    /// Ends a device's session; with `conn_id`, only while that connection
+    /// still holds it, so a late close cannot end a newer reconnect.
+    End {
+        device_id: String,
+        conn_id: Option<u64>,
+        reason: OfflineReason,
+    },
+    /// Ends every session held by a lost node.
+    EndNode { node_id: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_sessions_per_user: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The record differs from before and must be written back.
+    pub record_changed: bool,
+    /// What contacts see changed: a new version to fan out and record.
+    pub shown_changed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("the user already has {0} sessions, the most allowed")]
+    TooManySessions(usize),
+    #[error("the session was taken over by a newer connection of the same device")]
+    SessionReplaced,
+}
+
+/// Applies one mutation at `now_ms` (Unix milliseconds). On error the record
+/// is left as it was.
+pub fn apply(
+    record: &mut UserRecord,
+    mutation: Mutation,
+    now_ms: i64,
+    limits: Limits,
+) -> Result<Applied, TransitionError> {
+    let before = record.clone();
+    let mut end_reason = OfflineReason::Logout;
+    match mutation {
+        Mutation::Open { session, status } => {
+            upsert_session(record, session, None, limits)?;
+            set_chosen(record, status);
+        }
+        Mutation::Update {
+            session,
+            activity,
+            status,
+        } => {
+            if let Some(held) = record.session(&session.device_id)
+                && held.conn_id != session.conn_id
+            {
+                return Err(TransitionError::SessionReplaced);
+            }
+            upsert_session(record, session, activity, limits)?;
+            set_chosen(record, status);
+        }
+        Mutation::Touch { session, activity } => {
+            upsert_session(record, session, activity, limits)?;
+        }
+        Mutation::SetStatus {
+            chosen,
+            custom_message,
+        } => set_chosen(record, Some((chosen, custom_message))),
+        Mutation::End {
+            device_id,
+            conn_id,
+            reason,
+        } => {
+            record.sessions.retain(|s| {
+                s.device_id != device_id || conn_id.is_some_and(|c| c != s.conn_id)
+            });
+            end_reason = reason;
+        }
+        Mutation::EndNode { node_id } => {
+            record.sessions.retain(|s| s.node_id != node_id);
+            end_reason = OfflineReason::NodeLost;
+        }
+    }
+    let shown_changed = refresh_shown(record, now_ms, end_reason);
+    Ok(Applied {
+        record_changed: *record != before,
+        shown_changed,
+    })
+}
+
+/// Inserts the session, or replaces the one of the same device while keeping
+/// when it first connected (a reconnect is the same session to the user).
+fn upsert_session(
+    record: &mut UserRecord,
+    mut session: Session,
+    activity: Option<Activity>,
+    limits: Limits,
+) -> Result<(), TransitionError> {
+    match record
+        .sessions
+        .iter_mut()
+        .find(|s| s.device_id == session.device_id)
+    {
+        Some(held) => {
+            session.connected_since_ms = held.connected_since_ms;
+            if activity.is_none() {
+                session.activity = held.activity;
+            }
+            *held = session;
+            if let Some(activity) = activity {
+                held.activity = activity;
+            }
+        }
+        None => {
+            if record.sessions.len() >= limits.max_sessions_per_user {
+                return Err(TransitionError::TooManySessions(record.sessions.len()));
+            }
+            if let Some(activity) = activity {
+                session.activity = activity;
+            }
+            record.sessions.push(session);
+        }
+    }
+    Ok(())
+}
+
+fn set_chosen(record: &mut UserRecord, status: Option<(ChosenStatus, String)>) {
+    if let Some((chosen, message)) = status {
+        record.chosen = chosen;
+        record.custom_message = message;
+    }
+}
+
+/// Re-derives what contacts see; on a change bumps the version and moves
+/// `last_seen`. Returns whether it changed.
+fn refresh_shown(record: &mut UserRecord, now_ms: i64, end_reason: OfflineReason) -> bool {
+    let status = record.derived_status();
+    let custom_message = if status == VisibleStatus::Offline {
+        String::new()
+    } else {
+        record.custom_message.clone()
+    };
+    let shown = &record.shown;
+    if shown.version != 0 && status == shown.status && custom_message == shown.custom_message {
+        return false;
+    }
+    if shown.version == 0 && status == VisibleStatus::Offline {
+        // Never seen and still not visible: there is nothing to tell anyone,
+        // not even that the user exists.
+        return false;
+    }
+    let offline_reason = (status == VisibleStatus::Offline).then(|| {
+        if record.chosen == ChosenStatus::Invisible {
+            OfflineReason::Invisible
+        } else {
+            end_reason
+        }
+    });
+    record.shown = Shown {
+        status,
+        custom_message,
+        last_seen_ms: now_ms,
+        version: next_version(shown.version, now_ms),
+        offline_reason,
+    };
+    true
+}
+
+/// Versions follow the clock (microsecond-scaled) but are strictly increasing
+/// even when many changes share a millisecond. Tying them to time keeps them
+/// increasing across a hot store that restarts empty, so clients holding old
+/// versions never drop fresh events.
+pub fn next_version(previous: u64, now_ms: i64) -> u64 {
+    let from_clock = u64::try_from(now_ms).unwrap_or(0).saturating_mul(1000);
+    from_clock.max(previous + 1)
+}

@@ -1,0 +1,180 @@
+//! The node-local index of watchers: who on this node watches whom. Events
+//! from the fan-out land here and are queued per watcher, coalesced per
+//! watched user, so a slow watcher costs at most one pending entry per
+//! contact however fast its contacts change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::domain::{UserRecord, Viewer};
+use crate::store::BusEvent;
+
+/// What a watcher has yet to send about one watched user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pending {
+    /// The latest state; replaces any older pending state.
+    Presence(Box<UserRecord>),
+    /// Became a contact: the stream loads the state and starts watching.
+    Added,
+    /// No longer a contact: the stream stops watching and says so.
+    Removed,
+}
+
+/// One open WatchContacts stream.
+pub struct Watcher {
+    id: u64,
+    pub owner: String,
+    pub viewer: Viewer,
+    /// Whether contacts changes of `owner` add and remove watched users
+    /// (false for admin streams that named their users).
+    pub follows_contacts: bool,
+    /// std-style Mutex: held only to move entries in or out.
+    pending: Mutex<IndexMap<String, Pending>>,
+    notify: Notify,
+}
+
+impl Watcher {
+    /// Waits until something is pending, then takes all of it, in arrival
+    /// order of the first event per user.
+    pub async fn next_batch(&self) -> IndexMap<String, Pending> {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut pending = self.pending.lock();
+                if !pending.is_empty() {
+                    return std::mem::take(&mut *pending);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn push(&self, user_id: &str, event: Pending) {
+        let mut pending = self.pending.lock();
+        match pending.get_mut(user_id) {
+            // A removal stays a removal until the stream has seen it; a later
+            // presence event for a removed contact must not resurrect it.
+            Some(Pending::Removed) if matches!(event, Pending::Presence(_)) => {}
+            // A presence update after an addition is still an addition: the
+            // stream loads the latest state anyway.
+            Some(Pending::Added) if matches!(event, Pending::Presence(_)) => {}
+            Some(slot) => *slot = event,
+            None => {
+                pending.insert(user_id.to_owned(), event);
+            }
+        }
+        drop(pending);
+        self.notify.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    by_watched: HashMap<String, Vec<Arc<Watcher>>>,
+    by_owner: HashMap<String, Vec<Arc<Watcher>>>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    next_id: AtomicU64,
+    index: Mutex<Index>,
+}
+
+impl Hub {
+    pub fn register(&self, owner: &str, viewer: Viewer, follows_contacts: bool) -> Arc<Watcher> {
+        let watcher = Arc::new(Watcher {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            owner: owner.to_owned(),
+            viewer,
+            follows_contacts,
+            pending: Mutex::default(),
+            notify: Notify::new(),
+        });
+        if follows_contacts {
+            self.index
+                .lock()
+                .by_owner
+                .entry(owner.to_owned())
+                .or_default()
+                .push(watcher.clone());
+        }
+        watcher
+    }
+
+    /// Removes the watcher from every index; `watched` lists what it watches.
+    pub fn unregister<'a>(&self, watcher: &Watcher, watched: impl IntoIterator<Item = &'a String>) {
+        let mut index = self.index.lock();
+        for user in watched {
+            remove_from(&mut index.by_watched, user, watcher.id);
+        }
+        remove_from(&mut index.by_owner, &watcher.owner, watcher.id);
+    }
+
+    pub fn watch(&self, watcher: &Arc<Watcher>, user_id: &str) {
+        let mut index = self.index.lock();
+        let list = index.by_watched.entry(user_id.to_owned()).or_default();
+        if !list.iter().any(|w| w.id == watcher.id) {
+            list.push(watcher.clone());
+        }
+    }
+
+    pub fn unwatch(&self, watcher: &Watcher, user_id: &str) {
+        remove_from(&mut self.index.lock().by_watched, user_id, watcher.id);
+    }
+
+    /// Whether any watcher on this node watches `user_id`.
+    pub fn is_watched(&self, user_id: &str) -> bool {
+        self.index.lock().by_watched.contains_key(user_id)
+    }
+
+    /// How many users the node's watchers watch, and how many streams follow
+    /// contact changes.
+    pub fn sizes(&self) -> (usize, usize) {
+        let index = self.index.lock();
+        (index.by_watched.len(), index.by_owner.values().map(Vec::len).sum())
+    }
+
+    pub fn deliver(&self, event: &BusEvent) {
+        match event {
+            BusEvent::Presence { user_id, record } => {
+                for watcher in self.watchers(|index| index.by_watched.get(user_id)) {
+                    watcher.push(user_id, Pending::Presence(Box::new(record.clone())));
+                }
+            }
+            BusEvent::Contacts {
+                user_id,
+                added,
+                removed,
+            } => {
+                for watcher in self.watchers(|index| index.by_owner.get(user_id)) {
+                    for contact in added {
+                        watcher.push(contact, Pending::Added);
+                    }
+                    for contact in removed {
+                        watcher.push(contact, Pending::Removed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies the watcher list out so that pushing (which notifies tasks)
+    /// happens without the index lock.
+    fn watchers(&self, pick: impl FnOnce(&Index) -> Option<&Vec<Arc<Watcher>>>) -> Vec<Arc<Watcher>> {
+        pick(&self.index.lock()).cloned().unwrap_or_default()
+    }
+}
+
+fn remove_from(map: &mut HashMap<String, Vec<Arc<Watcher>>>, key: &str, id: u64) {
+    if let Some(list) = map.get_mut(key) {
+        list.retain(|w| w.id != id);
+        if list.is_empty() {
+            map.remove(key);
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! `presence-server`: parse the configuration (failing before anything binds),
+//! set up logs, and serve until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use presence_server::config::{Cli, Command};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Token { user, admin, ttl }) = &cli.command {
+        return match cli.config.jwt_secret() {
+            Ok(secret) => {
+                println!("{}", presence_server::auth::mint(secret, user, *admin, *ttl));
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("presence-server token: {error}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(error) = cli.config.validate() {
+        eprintln!("presence-server: {error}");
+        return ExitCode::from(2);
+    }
+    if let Err(error) = presence_server::telemetry::init(cli.config.log_format) {
+        eprintln!("presence-server: cannot set up logging: {error}");
+        return ExitCode::FAILURE;
+    }
+    let listener = match TcpListener::bind(cli.config.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, listen = %cli.config.listen, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match presence_server::run(cli.config, listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail at startup");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,475 @@
+//! One server node: the presence operations the API exposes, on top of the
+//! backends. It owns the leases of the sessions connected to it, applies every
+//! change through the hot store, records it in the history and fans it out.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::api::error::ApiError;
+use crate::auth::Caller;
+use crate::config::Config;
+use crate::domain::{
+    Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
+    UserRecord, View, Viewer,
+};
+use crate::hub::Hub;
+use crate::leases::{Leases, SessionKey};
+use crate::store::{BusEvent, ContactStore, FanOut, HistoryStore, HotStore};
+
+/// The backends a node runs on.
+pub struct Backends {
+    pub hot: Arc<dyn HotStore>,
+    pub contacts: Arc<dyn ContactStore>,
+    pub history: Arc<dyn HistoryStore>,
+    pub fanout: Arc<dyn FanOut>,
+    pub hub: Arc<Hub>,
+}
+
+/// What a device sends to open its session.
+#[derive(Clone, Debug)]
+pub struct OpenRequest {
+    pub device_id: String,
+    pub platform: Platform,
+    pub activity: Activity,
+    pub status: Option<(ChosenStatus, String)>,
+}
+
+/// A change carried by a heartbeat.
+#[derive(Clone, Debug, Default)]
+pub struct BeatChange {
+    pub activity: Option<Activity>,
+    pub status: Option<(ChosenStatus, String)>,
+}
+
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub backends: Backends,
+    leases: Leases,
+    next_conn_id: AtomicU64,
+    draining: watch::Sender<bool>,
+    /// Open WatchContacts streams per user, to enforce the per-user limit.
+    watch_counts: Mutex<HashMap<String, usize>>,
+}
+
+/// Resolves once the flag is raised (or its sender is gone).
+pub async fn raised(mut flag: watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it here, not in callers.
+    let _ = flag.wait_for(|raised| *raised).await;
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Node {
+    pub fn new(config: Config, node_id: String, backends: Backends) -> Arc<Node> {
+        Arc::new(Node {
+            config,
+            node_id,
+            backends,
+            leases: Leases::default(),
+            // Random start: connection ids of a restarted node never match
+            // those it handed out before.
+            next_conn_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            draining: watch::channel(false).0,
+            watch_counts: Mutex::default(),
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_sessions_per_user: self.config.limits.max_sessions_per_user,
+        }
+    }
+
+    /// Applies a mutation; when what contacts see changes, records it in the
+    /// history and fans it out.
+    pub async fn mutate(&self, user_id: &str, mutation: Mutation) -> Result<UserRecord, ApiError> {
+        let now = now_ms();
+        let (record, applied) = self
+            .backends
+            .hot
+            .apply(user_id, mutation, now, self.limits())
+            .await?;
+        if applied.shown_changed {
+            self.publish_change(user_id, &record).await;
+        }
+        Ok(record)
+    }
+
+    async fn publish_change(&self, user_id: &str, record: &UserRecord) {
+        let entry = HistoryRecord::of(user_id, &record.shown, record.shown.last_seen_ms);
+        if let Err(error) = self.backends.history.append(&[entry]).await {
+            tracing::error!(%error, user_id, "history append failed");
+        }
+        let event = BusEvent::Presence {
+            user_id: user_id.to_owned(),
+            record: record.clone(),
+        };
+        if let Err(error) = self.backends.fanout.publish(event).await {
+            tracing::warn!(%error, user_id, "fan-out publish failed");
+        }
+    }
+
+    fn new_session(&self, device_id: String, platform: Platform, activity: Activity) -> Session {
+        Session {
+            device_id,
+            platform,
+            activity,
+            connected_since_ms: now_ms(),
+            conn_id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+            node_id: self.node_id.clone(),
+        }
+    }
+
+    pub fn check_serving(&self) -> Result<(), ApiError> {
+        if *self.draining.borrow() {
+            return Err(ApiError::Unavailable(
+                "this node is draining, reconnect to another".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens (or reopens) a device's session on a new connection and starts
+    /// its lease. Returns the session and the user's record after the open.
+    pub async fn open_session(
+        &self,
+        caller: &Caller,
+        open: OpenRequest,
+    ) -> Result<(SessionKey, Session, UserRecord), ApiError> {
+        self.check_serving()?;
+        let session = self.new_session(open.device_id.clone(), open.platform, open.activity);
+        let record = self
+            .mutate(
+                &caller.user_id,
+                Mutation::Open {
+                    session: session.clone(),
+                    status: open.status,
+                },
+            )
+            .await?;
+        let key = SessionKey {
+            user_id: caller.user_id.clone(),
+            device_id: open.device_id,
+        };
+        self.leases.hold(key.clone(), session.clone(), self.config.lease);
+        Ok((key, session, record))
+    }
+
+    /// A heartbeat on the stream holding `session`: renews the lease in
+    /// memory, and touches the hot store only when something changed or the
+    /// lease had to be taken again.
+    pub async fn beat(
+        &self,
+        key: &SessionKey,
+        session: &mut Session,
+        change: BeatChange,
+    ) -> Result<(), ApiError> {
+        let renewed = self.leases.renew(key, session.conn_id, self.config.lease);
+        if renewed && change.activity.is_none() && change.status.is_none() {
+            return Ok(());
+        }
+        if let Some(activity) = change.activity {
+            session.activity = activity;
+        }
+        if renewed {
+            self.leases.update_session(key, session);
+        } else {
+            // The lease ran out (the client went quiet for too long) but the
+            // stream is alive: the session comes back.
+            self.leases.hold(key.clone(), session.clone(), self.config.lease);
+        }
+        self.mutate(
+            &key.user_id,
+            Mutation::Update {
+                session: session.clone(),
+                activity: change.activity,
+                status: change.status,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The stream holding the session closed without Disconnect.
+    pub fn connection_closed(&self, key: &SessionKey, conn_id: u64) {
+        self.leases.linger(key, conn_id, self.config.grace);
+    }
+
+    /// A unary heartbeat: opens the session if this node does not hold it,
+    /// renews it otherwise.
+    pub async fn touch(
+        &self,
+        caller: &Caller,
+        device_id: String,
+        platform: Platform,
+        activity: Option<Activity>,
+    ) -> Result<(), ApiError> {
+        self.check_serving()?;
+        let key = SessionKey {
+            user_id: caller.user_id.clone(),
+            device_id: device_id.clone(),
+        };
+        let held = self.leases.session(&key);
+        let mut session = match held.clone() {
+            Some(session) => session,
+            None => self.new_session(device_id, platform, activity.unwrap_or_default()),
+        };
+        let changed_activity = activity.filter(|a| *a != session.activity);
+        if let Some(activity) = changed_activity {
+            session.activity = activity;
+        }
+        self.leases.hold(key.clone(), session.clone(), self.config.lease);
+        if held.is_none() || changed_activity.is_some() {
+            self.mutate(
+                &caller.user_id,
+                Mutation::Touch {
+                    session,
+                    activity: changed_activity,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Explicit logout of one device: the session ends at once.
+    pub async fn disconnect(&self, caller: &Caller, device_id: String) -> Result<(), ApiError> {
+        let key = SessionKey {
+            user_id: caller.user_id.clone(),
+            device_id: device_id.clone(),
+        };
+        self.leases.release(&key);
+        self.mutate(
+            &caller.user_id,
+            Mutation::End {
+                device_id,
+                conn_id: None,
+                reason: OfflineReason::Logout,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_status(
+        &self,
+        caller: &Caller,
+        chosen: ChosenStatus,
+        custom_message: String,
+    ) -> Result<UserRecord, ApiError> {
+        self.mutate(
+            &caller.user_id,
+            Mutation::SetStatus {
+                chosen,
+                custom_message,
+            },
+        )
+        .await
+    }
+
+    /// How `caller` relates to each of `user_ids`.
+    pub async fn viewers(&self, caller: &Caller, user_ids: &[String]) -> Result<Vec<Viewer>, ApiError> {
+        let contacts = if caller.admin {
+            Vec::new()
+        } else {
+            self.backends.contacts.list(&caller.user_id).await?
+        };
+        Ok(user_ids
+            .iter()
+            .map(|id| {
+                if *id == caller.user_id {
+                    Viewer::Owner
+                } else if caller.admin {
+                    Viewer::Admin
+                } else if contacts.binary_search(id).is_ok() {
+                    Viewer::Contact
+                } else {
+                    Viewer::Stranger
+                }
+            })
+            .collect())
+    }
+
+    pub async fn get_presence(&self, caller: &Caller, user_ids: &[String]) -> Result<Vec<View>, ApiError> {
+        let viewers = self.viewers(caller, user_ids).await?;
+        let records = self.backends.hot.get(user_ids).await?;
+        Ok(user_ids
+            .iter()
+            .zip(records)
+            .zip(viewers)
+            .map(|((id, record), viewer)| View::of(id, record.as_ref(), viewer))
+            .collect())
+    }
+
+    /// The history of `user_id` as `caller` may see it.
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        user_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<(Vec<HistoryRecord>, Viewer), ApiError> {
+        let viewer = self.viewers(caller, &[user_id.to_owned()]).await?[0];
+        if viewer == Viewer::Stranger {
+            return Err(ApiError::PermissionDenied(
+                "only the user, their contacts and admins may read this history".into(),
+            ));
+        }
+        let retention_start = now_ms() - i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX);
+        let records = self
+            .backends
+            .history
+            .page(user_id, from_ms.max(retention_start), to_ms, after_version, limit)
+            .await?;
+        Ok((records, viewer))
+    }
+
+    pub async fn add_contacts(&self, user_id: &str, contact_ids: &[String]) -> Result<u32, ApiError> {
+        let added = self
+            .backends
+            .contacts
+            .add(user_id, contact_ids, self.config.limits.max_contacts)
+            .await?;
+        self.publish_contacts(user_id, contact_ids, true).await;
+        Ok(added)
+    }
+
+    pub async fn remove_contacts(&self, user_id: &str, contact_ids: &[String]) -> Result<u32, ApiError> {
+        let removed = self.backends.contacts.remove(user_id, contact_ids).await?;
+        self.publish_contacts(user_id, contact_ids, false).await;
+        Ok(removed)
+    }
+
+    /// Tells the watchers of both sides of each link. Re-announcing a link
+    /// that already existed is harmless: the watcher reloads its state.
+    async fn publish_contacts(&self, user_id: &str, contact_ids: &[String], added: bool) {
+        let event = |user: &str, others: Vec<String>| {
+            let (added, removed) = if added { (others, Vec::new()) } else { (Vec::new(), others) };
+            BusEvent::Contacts {
+                user_id: user.to_owned(),
+                added,
+                removed,
+            }
+        };
+        let mut events = vec![event(user_id, contact_ids.to_vec())];
+        events.extend(
+            contact_ids
+                .iter()
+                .filter(|c| c.as_str() != user_id)
+                .map(|c| event(c, vec![user_id.to_owned()])),
+        );
+        for event in events {
+            if let Err(error) = self.backends.fanout.publish(event).await {
+                tracing::warn!(%error, user_id, "fan-out of a contacts change failed");
+            }
+        }
+    }
+
+    pub async fn list_contacts(&self, user_id: &str) -> Result<Vec<String>, ApiError> {
+        Ok(self.backends.contacts.list(user_id).await?)
+    }
+
+    /// Counts a new watch stream of `user_id`, refusing past the limit. The
+    /// returned guard uncounts it when dropped.
+    pub fn admit_watch(self: &Arc<Self>, user_id: &str) -> Result<WatchSlot, ApiError> {
+        let mut counts = self.watch_counts.lock();
+        let count = counts.entry(user_id.to_owned()).or_default();
+        if *count >= self.config.limits.max_watches_per_user {
+            return Err(ApiError::ResourceExhausted(format!(
+                "a user may have at most {} open watches",
+                self.config.limits.max_watches_per_user
+            )));
+        }
+        *count += 1;
+        Ok(WatchSlot {
+            node: self.clone(),
+            user_id: user_id.to_owned(),
+        })
+    }
+
+    /// Ends the sessions whose lease ran out. Returns how many.
+    pub async fn sweep(&self) -> usize {
+        let expired = self.leases.take_expired(Instant::now());
+        let count = expired.len();
+        for lease in expired {
+            let mutation = Mutation::End {
+                device_id: lease.key.device_id,
+                conn_id: Some(lease.conn_id),
+                reason: lease.reason,
+            };
+            if let Err(error) = self.mutate(&lease.key.user_id, mutation).await {
+                tracing::warn!(?error, user_id = %lease.key.user_id, "ending an expired session failed");
+            }
+        }
+        count
+    }
+
+    pub async fn run_sweeper(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.config.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop = raised(stop);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { self.sweep().await; }
+                _ = &mut stop => return,
+            }
+        }
+    }
+
+    /// Resolves once the node starts draining.
+    pub fn drained(&self) -> impl Future<Output = ()> + Send + use<> {
+        raised(self.draining.subscribe())
+    }
+
+    /// Starts draining: new sessions and watches are refused, streams are told
+    /// to go away, and their sessions linger through the grace period so that
+    /// clients reconnecting elsewhere cause no offline flicker.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Waits until every lease on this node ended (handed over or swept), at
+    /// most `limit`.
+    pub async fn wait_for_leases(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.leases.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(self.config.sweep_interval.min(Duration::from_millis(100))).await;
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.leases.len()
+    }
+}
+
+/// One admitted watch stream; dropping it frees the slot.
+pub struct WatchSlot {
+    node: Arc<Node>,
+    user_id: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut counts = self.node.watch_counts.lock();
+        if let Some(count) = counts.get_mut(&self.user_id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.user_id);
+            }
+        }
+    }
+}

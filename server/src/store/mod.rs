@@ -1,0 +1,99 @@
+//! The backends, one trait each, with the contract every implementation
+//! keeps. The embedded implementations (in-process, single node) are the
+//! default; production ones implement the same traits and pass the same suite.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+
+use crate::domain::{Applied, HistoryRecord, Limits, Mutation, TransitionError, UserRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("a user may have at most {0} contacts")]
+    TooManyContacts(usize),
+    /// The backend cannot be reached; the message is for logs, not clients.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Hot per-user state: sessions, chosen status, and what contacts see.
+#[async_trait]
+pub trait HotStore: Send + Sync + 'static {
+    /// Applies `mutation` to the user's record atomically with respect to every
+    /// other `apply` on the same user, on any node, and returns the record
+    /// after it. A record left empty by the mutation may be deleted.
+    async fn apply(
+        &self,
+        user_id: &str,
+        mutation: Mutation,
+        now_ms: i64,
+        limits: Limits,
+    ) -> StoreResult<(UserRecord, Applied)>;
+
+    /// The records of `user_ids`, in the same order; `None` for users never
+    /// seen (or forgotten).
+    async fn get(&self, user_ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>>;
+}
+
+/// Contacts: mutual links between two users.
+#[async_trait]
+pub trait ContactStore: Send + Sync + 'static {
+    /// Links `user_id` with each of `contact_ids`, both ways, refusing the
+    /// whole call if either side would pass `max_contacts`. Returns how many
+    /// links are new. Ids equal to `user_id` are ignored.
+    async fn add(&self, user_id: &str, contact_ids: &[String], max_contacts: usize)
+    -> StoreResult<u32>;
+
+    /// Removes the links both ways; returns how many existed.
+    async fn remove(&self, user_id: &str, contact_ids: &[String]) -> StoreResult<u32>;
+
+    /// The user's contacts, sorted.
+    async fn list(&self, user_id: &str) -> StoreResult<Vec<String>>;
+}
+
+/// Presence history: every change of what contacts see, kept for the
+/// retention period.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Stores the records; appending a record twice (same user and version)
+    /// stores it once, so callers may retry.
+    async fn append(&self, records: &[HistoryRecord]) -> StoreResult<()>;
+
+    /// Up to `limit` records of the user with `from_ms <= at_ms <= to_ms` and a
+    /// version above `after_version`, oldest first.
+    async fn page(
+        &self,
+        user_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+        after_version: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<HistoryRecord>>;
+}
+
+/// What one node tells the others: every presence change and every contacts
+/// change, so each node can update its own watchers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BusEvent {
+    /// What contacts see of `user_id` changed; `record` is the state after.
+    Presence { user_id: String, record: UserRecord },
+    /// `user_id` gained or lost contacts.
+    Contacts {
+        user_id: String,
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
+}
+
+/// Cross-node fan-out. Implementations deliver every published event to the
+/// [`crate::hub::Hub`] of every node that has watchers for the user concerned,
+/// in publish order per user.
+#[async_trait]
+pub trait FanOut: Send + Sync + 'static {
+    async fn publish(&self, event: BusEvent) -> StoreResult<()>;
+}
