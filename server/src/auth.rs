@@ -53,7 +53,9 @@ impl Authenticator {
             .to_str()
             .ok()
             .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| ApiError::Unauthenticated("authorization must be `Bearer <token>`".into()))?;
+            .ok_or_else(|| {
+                ApiError::Unauthenticated("authorization must be `Bearer <token>`".into())
+            })?;
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| ApiError::Unauthenticated(format!("invalid token: {e}")))?
             .claims;
@@ -79,7 +81,11 @@ pub fn mint(secret: &str, user_id: &str, admin: bool, ttl: Duration) -> String {
         sub: user_id.to_owned(),
         iat: now,
         exp: now + ttl.as_secs(),
-        scope: if admin { ADMIN_SCOPE.to_owned() } else { String::new() },
+        scope: if admin {
+            ADMIN_SCOPE.to_owned()
+        } else {
+            String::new()
+        },
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

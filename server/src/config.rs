@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 pub const DEV_JWT_SECRET: &str = "presence-development-secret-never-use-in-production";
 
 #[derive(Debug, Parser)]
-#[command(name = "presence-server", version, about = "Real-time online presence over gRPC")]
+#[command(
+    name = "presence-server",
+    version,
+    about = "Real-time online presence over gRPC"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -40,7 +44,12 @@ pub enum Command {
 #[derive(Clone, Debug, Args)]
 pub struct Config {
     /// Address to serve gRPC, gRPC-web, health and reflection on.
-    #[arg(long, env = "PRESENCE_LISTEN", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_LISTEN",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     pub listen: SocketAddr,
 
     /// This node's id, unique among the nodes sharing one Redis Cluster.
@@ -50,16 +59,31 @@ pub struct Config {
 
     /// Redis Cluster seed URLs, comma-separated (redis://host:port). Unset:
     /// the embedded hot store and fan-out (single node).
-    #[arg(long, env = "PRESENCE_REDIS_CLUSTER", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_REDIS_CLUSTER",
+        value_delimiter = ',',
+        global = true
+    )]
     pub redis_cluster: Vec<String>,
 
     /// ScyllaDB (or any CQL server) contact points, comma-separated host:port.
     /// Unset: embedded contacts and history.
-    #[arg(long, env = "PRESENCE_SCYLLA_NODES", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_SCYLLA_NODES",
+        value_delimiter = ',',
+        global = true
+    )]
     pub scylla: Vec<String>,
 
     /// Secret that signs and verifies HS256 tokens (32 bytes or more).
-    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_JWT_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
     pub jwt_secret: Option<String>,
 
     /// Development mode: the built-in secret and the `token` subcommand work.
@@ -83,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_SWEEP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration, global = true)]
     pub sweep_interval: Duration,
 
+    /// How long a node stays alive in the shared hot store without renewing
+    /// (every third of it). After that, another node ends its sessions with
+    /// reason "node lost". Only matters with --redis-cluster.
+    #[arg(long, env = "PRESENCE_NODE_LEASE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub node_lease: Duration,
+
     /// How long presence history is kept.
     #[arg(long, env = "PRESENCE_HISTORY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
     pub history_retention: Duration,
@@ -95,7 +125,12 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
 
     /// Log format.
-    #[arg(long, env = "PRESENCE_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -116,34 +151,66 @@ pub struct LimitsConfig {
     pub max_batch: usize,
 
     /// Most contacts per user.
-    #[arg(long, env = "PRESENCE_MAX_CONTACTS", default_value_t = 1000, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_CONTACTS",
+        default_value_t = 1000,
+        global = true
+    )]
     pub max_contacts: usize,
 
     /// Most live sessions (devices) per user.
-    #[arg(long, env = "PRESENCE_MAX_SESSIONS_PER_USER", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_SESSIONS_PER_USER",
+        default_value_t = 16,
+        global = true
+    )]
     pub max_sessions_per_user: usize,
 
     /// Most open WatchContacts streams per user.
-    #[arg(long, env = "PRESENCE_MAX_WATCHES_PER_USER", default_value_t = 16, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_WATCHES_PER_USER",
+        default_value_t = 16,
+        global = true
+    )]
     pub max_watches_per_user: usize,
 
     /// Most heartbeats per second one session may send (bursts of this size
     /// are allowed).
-    #[arg(long, env = "PRESENCE_MAX_BEATS_PER_SECOND", default_value_t = 5, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_BEATS_PER_SECOND",
+        default_value_t = 5,
+        global = true
+    )]
     pub max_beats_per_second: u32,
 
     /// Longest custom message, in bytes.
-    #[arg(long, env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES", default_value_t = 256, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES",
+        default_value_t = 256,
+        global = true
+    )]
     pub max_custom_message_bytes: usize,
 
     /// Longest user or device id, in bytes.
-    #[arg(long, env = "PRESENCE_MAX_ID_BYTES", default_value_t = 128, global = true)]
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_ID_BYTES",
+        default_value_t = 128,
+        global = true
+    )]
     pub max_id_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no token secret: set --jwt-secret (PRESENCE_JWT_SECRET), or pass --dev to use the development secret")]
+    #[error(
+        "no token secret: set --jwt-secret (PRESENCE_JWT_SECRET), or pass --dev to use the development secret"
+    )]
     NoSecret,
     #[error("the development secret is refused outside --dev")]
     DevSecretOutsideDev,
@@ -162,9 +229,12 @@ impl Config {
                 "--heartbeat-interval must be shorter than --lease".into(),
             ));
         }
-        if self.sweep_interval.is_zero() || self.heartbeat_interval.is_zero() {
+        if self.sweep_interval.is_zero()
+            || self.heartbeat_interval.is_zero()
+            || self.node_lease.is_zero()
+        {
             return Err(ConfigError::Invalid(
-                "--sweep-interval and --heartbeat-interval must be above zero".into(),
+                "--sweep-interval, --heartbeat-interval and --node-lease must be above zero".into(),
             ));
         }
         Ok(())
@@ -173,7 +243,9 @@ impl Config {
     /// The secret tokens are verified with.
     pub fn jwt_secret(&self) -> Result<&str, ConfigError> {
         match (&self.jwt_secret, self.dev) {
-            (Some(secret), false) if secret == DEV_JWT_SECRET => Err(ConfigError::DevSecretOutsideDev),
+            (Some(secret), false) if secret == DEV_JWT_SECRET => {
+                Err(ConfigError::DevSecretOutsideDev)
+            }
             (Some(secret), false) if secret.len() < 32 => Err(ConfigError::ShortSecret),
             (Some(secret), _) => Ok(secret),
             (None, true) => Ok(DEV_JWT_SECRET),
@@ -183,8 +255,15 @@ impl Config {
 
     /// The worst case between a client vanishing and its contacts seeing it
     /// offline: the lease runs out, then a sweep finds it. A closed stream
-    /// waits `grace` instead of the lease, which is shorter.
+    /// waits `grace` instead of the lease. If the node holding the session
+    /// dies meanwhile, a surviving node ends it once the node lease runs out
+    /// and its next sweep notices (shared hot store only).
     pub fn staleness_bound(&self) -> Duration {
-        self.lease.max(self.grace) + self.sweep_interval
+        let local = self.lease.max(self.grace) + self.sweep_interval;
+        if self.redis_cluster.is_empty() {
+            local
+        } else {
+            local + self.node_lease + self.sweep_interval
+        }
     }
 }

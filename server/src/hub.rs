@@ -136,7 +136,10 @@ impl Hub {
     /// contact changes.
     pub fn sizes(&self) -> (usize, usize) {
         let index = self.index.lock();
-        (index.by_watched.len(), index.by_owner.values().map(Vec::len).sum())
+        (
+            index.by_watched.len(),
+            index.by_owner.values().map(Vec::len).sum(),
+        )
     }
 
     pub fn deliver(&self, event: &BusEvent) {
@@ -165,7 +168,10 @@ impl Hub {
 
     /// Copies the watcher list out so that pushing (which notifies tasks)
     /// happens without the index lock.
-    fn watchers(&self, pick: impl FnOnce(&Index) -> Option<&Vec<Arc<Watcher>>>) -> Vec<Arc<Watcher>> {
+    fn watchers(
+        &self,
+        pick: impl FnOnce(&Index) -> Option<&Vec<Arc<Watcher>>>,
+    ) -> Vec<Arc<Watcher>> {
         pick(&self.index.lock()).cloned().unwrap_or_default()
     }
 }

@@ -110,6 +110,15 @@ impl Leases {
         expired
     }
 
+    /// A copy of every session held, for re-asserting them.
+    pub fn sessions(&self) -> Vec<(SessionKey, Session)> {
+        self.leases
+            .lock()
+            .iter()
+            .map(|(key, held)| (key.clone(), held.session.clone()))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.leases.lock().len()
     }

@@ -75,7 +75,10 @@ pub async fn run(
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
-    let auth = Arc::new(Authenticator::new(config.jwt_secret()?, config.limits.max_id_bytes));
+    let auth = Arc::new(Authenticator::new(
+        config.jwt_secret()?,
+        config.limits.max_id_bytes,
+    ));
     let backends = backends(&config).await?;
     let node = Node::new(config.clone(), node_id.clone(), backends);
     let api = Api::new(node.clone(), auth);
@@ -100,8 +103,8 @@ pub async fn run(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
 
-    let (stop_sweeper, sweeper_stopped) = signal::channel(false);
-    let sweeper = tokio::spawn(node.clone().run_sweeper(sweeper_stopped));
+    let (stop_maintenance, maintenance_stopped) = signal::channel(false);
+    let maintenance = tokio::spawn(node.clone().run_maintenance(maintenance_stopped));
 
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -134,9 +137,11 @@ pub async fn run(
 
     // Sessions linger through the grace period; a client that reconnected
     // elsewhere took its session over, the others end now.
-    node.wait_for_leases(config.grace + config.sweep_interval * 2).await;
-    stop_sweeper.send_replace(true);
-    sweeper.await?;
+    node.wait_for_leases(config.grace + config.sweep_interval * 2)
+        .await;
+    stop_maintenance.send_replace(true);
+    maintenance.await?;
+    node.leave().await;
     tracing::info!(sessions_left = node.session_count(), "drained");
     Ok(())
 }

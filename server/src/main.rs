@@ -13,7 +13,10 @@ async fn main() -> ExitCode {
     if let Some(Command::Token { user, admin, ttl }) = &cli.command {
         return match cli.config.jwt_secret() {
             Ok(secret) => {
-                println!("{}", presence_server::auth::mint(secret, user, *admin, *ttl));
+                println!(
+                    "{}",
+                    presence_server::auth::mint(secret, user, *admin, *ttl)
+                );
                 ExitCode::SUCCESS
             }
             Err(error) => {

@@ -162,7 +162,8 @@ impl Node {
             user_id: caller.user_id.clone(),
             device_id: open.device_id,
         };
-        self.leases.hold(key.clone(), session.clone(), self.config.lease);
+        self.leases
+            .hold(key.clone(), session.clone(), self.config.lease);
         Ok((key, session, record))
     }
 
@@ -187,7 +188,8 @@ impl Node {
         } else {
             // The lease ran out (the client went quiet for too long) but the
             // stream is alive: the session comes back.
-            self.leases.hold(key.clone(), session.clone(), self.config.lease);
+            self.leases
+                .hold(key.clone(), session.clone(), self.config.lease);
         }
         self.mutate(
             &key.user_id,
@@ -229,7 +231,8 @@ impl Node {
         if let Some(activity) = changed_activity {
             session.activity = activity;
         }
-        self.leases.hold(key.clone(), session.clone(), self.config.lease);
+        self.leases
+            .hold(key.clone(), session.clone(), self.config.lease);
         if held.is_none() || changed_activity.is_some() {
             self.mutate(
                 &caller.user_id,
@@ -279,7 +282,11 @@ impl Node {
     }
 
     /// How `caller` relates to each of `user_ids`.
-    pub async fn viewers(&self, caller: &Caller, user_ids: &[String]) -> Result<Vec<Viewer>, ApiError> {
+    pub async fn viewers(
+        &self,
+        caller: &Caller,
+        user_ids: &[String],
+    ) -> Result<Vec<Viewer>, ApiError> {
         let contacts = if caller.admin {
             Vec::new()
         } else {
@@ -301,7 +308,11 @@ impl Node {
             .collect())
     }
 
-    pub async fn get_presence(&self, caller: &Caller, user_ids: &[String]) -> Result<Vec<View>, ApiError> {
+    pub async fn get_presence(
+        &self,
+        caller: &Caller,
+        user_ids: &[String],
+    ) -> Result<Vec<View>, ApiError> {
         let viewers = self.viewers(caller, user_ids).await?;
         let records = self.backends.hot.get(user_ids).await?;
         Ok(user_ids
@@ -328,16 +339,27 @@ impl Node {
                 "only the user, their contacts and admins may read this history".into(),
             ));
         }
-        let retention_start = now_ms() - i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX);
+        let retention_start =
+            now_ms() - i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX);
         let records = self
             .backends
             .history
-            .page(user_id, from_ms.max(retention_start), to_ms, after_version, limit)
+            .page(
+                user_id,
+                from_ms.max(retention_start),
+                to_ms,
+                after_version,
+                limit,
+            )
             .await?;
         Ok((records, viewer))
     }
 
-    pub async fn add_contacts(&self, user_id: &str, contact_ids: &[String]) -> Result<u32, ApiError> {
+    pub async fn add_contacts(
+        &self,
+        user_id: &str,
+        contact_ids: &[String],
+    ) -> Result<u32, ApiError> {
         let added = self
             .backends
             .contacts
@@ -347,7 +369,11 @@ impl Node {
         Ok(added)
     }
 
-    pub async fn remove_contacts(&self, user_id: &str, contact_ids: &[String]) -> Result<u32, ApiError> {
+    pub async fn remove_contacts(
+        &self,
+        user_id: &str,
+        contact_ids: &[String],
+    ) -> Result<u32, ApiError> {
         let removed = self.backends.contacts.remove(user_id, contact_ids).await?;
         self.publish_contacts(user_id, contact_ids, false).await;
         Ok(removed)
@@ -357,7 +383,11 @@ impl Node {
     /// that already existed is harmless: the watcher reloads its state.
     async fn publish_contacts(&self, user_id: &str, contact_ids: &[String], added: bool) {
         let event = |user: &str, others: Vec<String>| {
-            let (added, removed) = if added { (others, Vec::new()) } else { (Vec::new(), others) };
+            let (added, removed) = if added {
+                (others, Vec::new())
+            } else {
+                (Vec::new(), others)
+            };
             BusEvent::Contacts {
                 user_id: user.to_owned(),
                 added,
@@ -417,16 +447,101 @@ impl Node {
         count
     }
 
-    pub async fn run_sweeper(self: Arc<Self>, stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.config.sweep_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// The node's background duties until `stop` is raised: end expired
+    /// sessions, keep the node's own lease alive, and end the sessions of
+    /// nodes that died.
+    pub async fn run_maintenance(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        let mut sweep = tokio::time::interval(self.config.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew = tokio::time::interval(self.config.node_lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = raised(stop);
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = tick.tick() => { self.sweep().await; }
+                _ = sweep.tick() => {
+                    self.sweep().await;
+                    self.reclaim_lost_nodes().await;
+                }
+                _ = renew.tick() => self.renew_node_lease().await,
                 _ = &mut stop => return,
             }
+        }
+    }
+
+    async fn renew_node_lease(&self) {
+        match self
+            .backends
+            .hot
+            .renew_node(&self.node_id, self.config.node_lease)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => self.reassert_sessions().await,
+            Err(error) => tracing::warn!(%error, "renewing the node lease failed"),
+        }
+    }
+
+    /// Writes every session this node holds back into the hot store, which
+    /// forgot them (it restarted empty, or took this node for dead).
+    async fn reassert_sessions(&self) {
+        let sessions = self.leases.sessions();
+        tracing::info!(
+            sessions = sessions.len(),
+            "hot store lost this node's sessions, re-asserting them"
+        );
+        for (key, session) in sessions {
+            let mutation = Mutation::Update {
+                session,
+                activity: None,
+                status: None,
+            };
+            if let Err(error) = self.mutate(&key.user_id, mutation).await {
+                tracing::warn!(?error, user_id = %key.user_id, "re-asserting a session failed");
+            }
+        }
+    }
+
+    /// Ends the sessions of nodes whose lease ran out, with reason "node lost".
+    async fn reclaim_lost_nodes(&self) {
+        let lost = match self.backends.hot.lost_nodes().await {
+            Ok(lost) => lost,
+            Err(error) => {
+                tracing::warn!(%error, "looking for lost nodes failed");
+                return;
+            }
+        };
+        for node_id in lost.into_iter().filter(|id| *id != self.node_id) {
+            if let Err(error) = self.reclaim_node(&node_id).await {
+                tracing::warn!(?error, node_id, "reclaiming a lost node failed");
+            }
+        }
+    }
+
+    async fn reclaim_node(&self, node_id: &str) -> Result<(), ApiError> {
+        let users = self.backends.hot.users_of_node(node_id).await?;
+        tracing::warn!(
+            node_id,
+            users = users.len(),
+            "node lost, ending its sessions"
+        );
+        for user_id in users {
+            self.mutate(
+                &user_id,
+                Mutation::EndNode {
+                    node_id: node_id.to_owned(),
+                },
+            )
+            .await?;
+        }
+        self.backends.hot.forget_node(node_id).await?;
+        Ok(())
+    }
+
+    /// Leaves the shared hot store for good: the node's sessions have ended.
+    pub async fn leave(&self) {
+        if let Err(error) = self.backends.hot.forget_node(&self.node_id).await {
+            tracing::warn!(%error, "forgetting this node failed");
         }
     }
 

@@ -51,7 +51,10 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.node.backends.hub.unregister(&self.watcher, &self.watched);
+        self.node
+            .backends
+            .hub
+            .unregister(&self.watcher, &self.watched);
     }
 }
 
@@ -68,7 +71,11 @@ pub fn watch(
         ));
     }
     let slot = node.admit_watch(&caller.user_id)?;
-    let viewer = if caller.admin { Viewer::Admin } else { Viewer::Contact };
+    let viewer = if caller.admin {
+        Viewer::Admin
+    } else {
+        Viewer::Contact
+    };
     let watcher = node.backends.hub.register(&caller.user_id, viewer, !named);
     let drained = node.drained();
     Ok(async_stream::try_stream! {

@@ -57,7 +57,8 @@ pub fn status_change(
 }
 
 fn enum_value<E: TryFrom<i32>>(value: i32, field: &str) -> Result<E, ApiError> {
-    E::try_from(value).map_err(|_| ApiError::InvalidArgument(format!("{field} has no value {value}")))
+    E::try_from(value)
+        .map_err(|_| ApiError::InvalidArgument(format!("{field} has no value {value}")))
 }
 
 /// Checks a user or device id: 1 to `max_id_bytes` bytes, no control
@@ -73,13 +74,20 @@ pub fn id(value: &str, field: &str, limits: &LimitsConfig) -> Result<(), ApiErro
         )));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiError::InvalidArgument(format!("{field} has control characters")));
+        return Err(ApiError::InvalidArgument(format!(
+            "{field} has control characters"
+        )));
     }
     Ok(())
 }
 
 /// Checks a batch of ids: 1 to `max` of them, each valid.
-pub fn id_batch(values: &[String], field: &str, max: usize, limits: &LimitsConfig) -> Result<(), ApiError> {
+pub fn id_batch(
+    values: &[String],
+    field: &str,
+    max: usize,
+    limits: &LimitsConfig,
+) -> Result<(), ApiError> {
     if values.is_empty() {
         return Err(ApiError::InvalidArgument(format!("{field} is empty")));
     }

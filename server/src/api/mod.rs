@@ -45,7 +45,9 @@ impl Api {
         if caller.admin || caller.user_id == user_id {
             return Ok(());
         }
-        Err(ApiError::PermissionDenied("callers may only act on their own user".into()))
+        Err(ApiError::PermissionDenied(
+            "callers may only act on their own user".into(),
+        ))
     }
 
     fn check_admin(&self, caller: &Caller) -> Result<(), ApiError> {
@@ -77,7 +79,8 @@ impl RateLimit {
 
     fn admit(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
         if self.tokens < 1.0 {
             return false;
@@ -172,10 +175,15 @@ impl PresenceService for Api {
                 };
             }
         };
-        Ok(Response::new(Box::pin(stream.map(|item: Result<_, ApiError>| item.map_err(Status::from)))))
+        Ok(Response::new(Box::pin(stream.map(
+            |item: Result<_, ApiError>| item.map_err(Status::from),
+        ))))
     }
 
-    async fn touch(&self, request: Request<pb::TouchRequest>) -> Result<Response<pb::TouchResponse>, Status> {
+    async fn touch(
+        &self,
+        request: Request<pb::TouchRequest>,
+    ) -> Result<Response<pb::TouchResponse>, Status> {
         let caller = self.caller(&request)?;
         let request = request.into_inner();
         let limits = &self.node.config.limits;
@@ -208,8 +216,11 @@ impl PresenceService for Api {
     ) -> Result<Response<pb::SetStatusResponse>, Status> {
         let caller = self.caller(&request)?;
         let request = request.into_inner();
-        let Some((status, message)) =
-            convert::status_change(request.status, request.custom_message, &self.node.config.limits)?
+        let Some((status, message)) = convert::status_change(
+            request.status,
+            request.custom_message,
+            &self.node.config.limits,
+        )?
         else {
             return Err(ApiError::InvalidArgument("status must be set".into()).into());
         };
@@ -263,7 +274,9 @@ impl PresenceService for Api {
         )?;
         Ok(Response::new(Box::pin(events.map(|event| {
             let event = match event.map_err(Status::from)? {
-                WatchEvent::Presence(view) => pb::presence_event::Event::Presence(convert::presence(view)),
+                WatchEvent::Presence(view) => {
+                    pb::presence_event::Event::Presence(convert::presence(view))
+                }
                 WatchEvent::SnapshotComplete { watched } => {
                     pb::presence_event::Event::SnapshotComplete(pb::SnapshotComplete { watched })
                 }
@@ -282,9 +295,15 @@ impl PresenceService for Api {
         let caller = self.caller(&request)?;
         let request = request.into_inner();
         convert::id(&request.user_id, "user_id", &self.node.config.limits)?;
-        let to_ms = if request.to_unix_ms == 0 { crate::node::now_ms() } else { request.to_unix_ms };
+        let to_ms = if request.to_unix_ms == 0 {
+            crate::node::now_ms()
+        } else {
+            request.to_unix_ms
+        };
         if request.from_unix_ms < 0 || to_ms < request.from_unix_ms {
-            return Err(ApiError::InvalidArgument("the time window is empty or negative".into()).into());
+            return Err(
+                ApiError::InvalidArgument("the time window is empty or negative".into()).into(),
+            );
         }
         let limit = match request.page_size as usize {
             0 => DEFAULT_HISTORY_PAGE,
@@ -299,19 +318,28 @@ impl PresenceService for Api {
         let after_version = if request.page_token.is_empty() {
             0
         } else {
-            request
-                .page_token
-                .parse::<u64>()
-                .map_err(|_| ApiError::InvalidArgument("page_token is not one this server issued".into()))?
+            request.page_token.parse::<u64>().map_err(|_| {
+                ApiError::InvalidArgument("page_token is not one this server issued".into())
+            })?
         };
         // One more than asked tells whether another page follows.
         let (mut records, viewer) = self
             .node
-            .history(&caller, &request.user_id, request.from_unix_ms, to_ms, after_version, limit + 1)
+            .history(
+                &caller,
+                &request.user_id,
+                request.from_unix_ms,
+                to_ms,
+                after_version,
+                limit + 1,
+            )
             .await?;
         let next_page_token = if records.len() > limit {
             records.truncate(limit);
-            records.last().map(|r| r.version.to_string()).unwrap_or_default()
+            records
+                .last()
+                .map(|r| r.version.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -350,8 +378,16 @@ impl ContactsService for Api {
         let request = request.into_inner();
         let limits = &self.node.config.limits;
         convert::id(&request.user_id, "user_id", limits)?;
-        convert::id_batch(&request.contact_ids, "contact_ids", limits.max_batch, limits)?;
-        let added = self.node.add_contacts(&request.user_id, &request.contact_ids).await?;
+        convert::id_batch(
+            &request.contact_ids,
+            "contact_ids",
+            limits.max_batch,
+            limits,
+        )?;
+        let added = self
+            .node
+            .add_contacts(&request.user_id, &request.contact_ids)
+            .await?;
         Ok(Response::new(pb::AddContactsResponse { added }))
     }
 
@@ -364,7 +400,12 @@ impl ContactsService for Api {
         let request = request.into_inner();
         let limits = &self.node.config.limits;
         convert::id(&request.user_id, "user_id", limits)?;
-        convert::id_batch(&request.contact_ids, "contact_ids", limits.max_batch, limits)?;
+        convert::id_batch(
+            &request.contact_ids,
+            "contact_ids",
+            limits.max_batch,
+            limits,
+        )?;
         let removed = self
             .node
             .remove_contacts(&request.user_id, &request.contact_ids)
@@ -378,7 +419,11 @@ impl ContactsService for Api {
     ) -> Result<Response<pb::ListContactsResponse>, Status> {
         let caller = self.caller(&request)?;
         let request = request.into_inner();
-        let user_id = if request.user_id.is_empty() { caller.user_id.clone() } else { request.user_id };
+        let user_id = if request.user_id.is_empty() {
+            caller.user_id.clone()
+        } else {
+            request.user_id
+        };
         convert::id(&user_id, "user_id", &self.node.config.limits)?;
         self.check_acts_for(&caller, &user_id)?;
         let contact_ids = self.node.list_contacts(&user_id).await?;

@@ -12,4 +12,4 @@ mod view;
 
 pub use model::*;
 pub use transition::{Applied, Limits, Mutation, TransitionError, apply};
-pub use view::{Viewer, View, history_view};
+pub use view::{View, Viewer, history_view};

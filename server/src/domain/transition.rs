@@ -104,9 +104,9 @@ pub fn apply(
             conn_id,
             reason,
         } => {
-            record.sessions.retain(|s| {
-                s.device_id != device_id || conn_id.is_some_and(|c| c != s.conn_id)
-            });
+            record
+                .sessions
+                .retain(|s| s.device_id != device_id || conn_id.is_some_and(|c| c != s.conn_id));
             end_reason = reason;
         }
         Mutation::EndNode { node_id } => {

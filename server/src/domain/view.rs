@@ -1,6 +1,8 @@
 //! Per-viewer privacy: what a caller may see of a user.
 
-use super::model::{ChosenStatus, HistoryRecord, OfflineReason, Session, UserRecord, VisibleStatus};
+use super::model::{
+    ChosenStatus, HistoryRecord, OfflineReason, Session, UserRecord, VisibleStatus,
+};
 
 /// How the caller relates to the user being looked at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +59,11 @@ impl View {
             version: shown.version,
             offline_reason: mask_reason(shown.offline_reason, viewer),
             chosen: private.then_some(record.chosen),
-            devices: if private { record.sessions.clone() } else { Vec::new() },
+            devices: if private {
+                record.sessions.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -46,6 +46,23 @@ impl HotStore for EmbeddedHotStore {
         let users = self.users.lock();
         Ok(user_ids.iter().map(|id| users.get(id).cloned()).collect())
     }
+
+    /// One process is one node: it cannot outlive its own store.
+    async fn renew_node(&self, _node_id: &str, _ttl: Duration) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    async fn lost_nodes(&self) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn users_of_node(&self, _node_id: &str) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn forget_node(&self, _node_id: &str) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -75,8 +92,14 @@ impl ContactStore for EmbeddedContactStore {
             return Err(StoreError::TooManyContacts(max_contacts));
         }
         for contact in &new {
-            links.entry(user_id.to_owned()).or_default().insert((*contact).clone());
-            links.entry((*contact).clone()).or_default().insert(user_id.to_owned());
+            links
+                .entry(user_id.to_owned())
+                .or_default()
+                .insert((*contact).clone());
+            links
+                .entry((*contact).clone())
+                .or_default()
+                .insert(user_id.to_owned());
         }
         Ok(new.len() as u32)
     }
@@ -85,7 +108,10 @@ impl ContactStore for EmbeddedContactStore {
         let mut links = self.links.lock();
         let mut removed = 0;
         for contact in contact_ids {
-            if links.get_mut(user_id).is_some_and(|set| set.remove(contact)) {
+            if links
+                .get_mut(user_id)
+                .is_some_and(|set| set.remove(contact))
+            {
                 removed += 1;
             }
             if let Some(set) = links.get_mut(contact) {

@@ -4,6 +4,8 @@
 
 pub mod embedded;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::domain::{Applied, HistoryRecord, Limits, Mutation, TransitionError, UserRecord};
@@ -38,6 +40,21 @@ pub trait HotStore: Send + Sync + 'static {
     /// The records of `user_ids`, in the same order; `None` for users never
     /// seen (or forgotten).
     async fn get(&self, user_ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>>;
+
+    /// Marks `node_id` alive for `ttl`. Returns false if the store did not
+    /// know the node any more (it lost its data, or declared the node lost):
+    /// the node must then re-assert every session it holds.
+    async fn renew_node(&self, node_id: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Nodes whose lease ran out without a clean exit.
+    async fn lost_nodes(&self) -> StoreResult<Vec<String>>;
+
+    /// The users that had a session on `node_id` (kept up to date by
+    /// `apply` from the sessions' `node_id`).
+    async fn users_of_node(&self, node_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Forgets a node whose sessions were all ended (or that exits cleanly).
+    async fn forget_node(&self, node_id: &str) -> StoreResult<()>;
 }
 
 /// Contacts: mutual links between two users.
@@ -46,8 +63,12 @@ pub trait ContactStore: Send + Sync + 'static {
     /// Links `user_id` with each of `contact_ids`, both ways, refusing the
     /// whole call if either side would pass `max_contacts`. Returns how many
     /// links are new. Ids equal to `user_id` are ignored.
-    async fn add(&self, user_id: &str, contact_ids: &[String], max_contacts: usize)
-    -> StoreResult<u32>;
+    async fn add(
+        &self,
+        user_id: &str,
+        contact_ids: &[String],
+        max_contacts: usize,
+    ) -> StoreResult<u32>;
 
     /// Removes the links both ways; returns how many existed.
     async fn remove(&self, user_id: &str, contact_ids: &[String]) -> StoreResult<u32>;
