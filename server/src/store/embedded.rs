@@ -219,6 +219,15 @@ impl HistoryStore for EmbeddedHistoryStore {
             .cloned()
             .collect())
     }
+
+    /// Within the retention only: this store forgets the rest.
+    async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
+        let users = self.users.lock();
+        Ok(user_ids
+            .iter()
+            .map(|id| users.get(id).and_then(|queue| queue.back().cloned()))
+            .collect())
+    }
 }
 
 /// Fan-out within this process: publishing hands the event straight to the

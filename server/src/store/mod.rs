@@ -95,6 +95,11 @@ pub trait HistoryStore: Send + Sync + 'static {
         after_version: u64,
         limit: usize,
     ) -> StoreResult<Vec<HistoryRecord>>;
+
+    /// The latest record of each user, in the order given; kept past the
+    /// retention where the backend can (it is the user's durable presence,
+    /// read when the hot store is unavailable).
+    async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>>;
 }
 
 /// What one node tells the others: every presence change and every contacts
