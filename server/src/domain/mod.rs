@@ -10,6 +10,9 @@ mod model;
 mod transition;
 mod view;
 
+#[cfg(test)]
+mod tests;
+
 pub use model::*;
 pub use transition::{Applied, Limits, Mutation, TransitionError, apply};
 pub use view::{View, Viewer, history_view};
