@@ -1,0 +1,46 @@
+# Presence: the entry points. `make run` to try it, `make test` for everything.
+# Faster loops: `make test-rust` (embedded backends only), `make services-up`
+# then `make test-backends`, and `make services-down`.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+SERVER := target/release/presence-server
+
+.PHONY: run build test test-rust test-backends services-up services-down lint fmt help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+run: ## build and start the server on the embedded backends (no Redis, no Scylla)
+	$(CARGO) build --release -p presence-server -p presence-sdk
+	@e2e/scripts/run-banner.sh
+	$(SERVER) --dev
+
+build: ## build everything (debug)
+	$(CARGO) build --workspace --all-targets
+
+test: ## install what is missing, start Redis Cluster and Cassandra, run every test, stop them
+	e2e/scripts/test-all.sh
+
+test-rust: ## Rust tests on the embedded backends only (no services needed)
+	$(CARGO) test --workspace
+
+test-backends: ## Rust tests against already running services (see services-up)
+	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) \
+	PRESENCE_TEST_SCYLLA_NODES=$$(e2e/scripts/cassandra.sh nodes) \
+	PRESENCE_REQUIRE_BACKENDS=1 $(CARGO) test --workspace
+
+services-up: ## start a local Redis Cluster and Cassandra for tests
+	e2e/scripts/redis-cluster.sh start
+	e2e/scripts/cassandra.sh start
+
+services-down: ## stop them
+	-e2e/scripts/redis-cluster.sh stop
+	-e2e/scripts/cassandra.sh stop
+
+lint: ## formatting and clippy
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make test`: installs what is missing, starts the real services the tests
+# need (a 6-node Redis Cluster and a Cassandra node standing in for Scylla),
+# runs every test of every language against them, and stops what it started,
+# whatever happens. Exits non-zero on any failure.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo"
+export PATH="$HOME/.cargo/bin:$PATH"
+logs="$repo/.run/logs"
+mkdir -p "$logs"
+
+step() { printf '\n== %s (%s)\n' "$*" "$(date +%T)"; }
+
+stop_services() {
+  step "stopping services"
+  e2e/scripts/redis-cluster.sh stop || true
+  e2e/scripts/cassandra.sh stop || true
+}
+trap stop_services EXIT
+
+step "checking toolchains"
+command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+cargo --version
+
+step "installing services (Redis, Cassandra) if missing"
+e2e/scripts/redis-cluster.sh install
+e2e/scripts/cassandra.sh install
+
+# Cassandra takes the longest to come up: start it in the background while
+# the Redis Cluster starts and the tests compile.
+step "starting Cassandra (background) and Redis Cluster"
+e2e/scripts/cassandra.sh start >"$logs/cassandra-start.log" 2>&1 &
+cassandra_pid=$!
+redis_urls=$(e2e/scripts/redis-cluster.sh start | tail -1)
+
+step "building tests"
+cargo test --workspace --no-run
+
+if ! wait "$cassandra_pid"; then
+  cat "$logs/cassandra-start.log" >&2
+  echo "Cassandra did not start" >&2
+  exit 1
+fi
+scylla_nodes=$(tail -1 "$logs/cassandra-start.log")
+
+step "Rust tests (embedded, Redis Cluster $redis_urls, CQL $scylla_nodes)"
+PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
+PRESENCE_TEST_SCYLLA_NODES="$scylla_nodes" \
+PRESENCE_REQUIRE_BACKENDS=1 \
+  cargo test --workspace
+
+step "all tests passed"
