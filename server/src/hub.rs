@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use indexmap::IndexMap;
 use parking_lot::Mutex;
@@ -82,6 +82,7 @@ struct Index {
 #[derive(Default)]
 pub struct Hub {
     next_id: AtomicU64,
+    streams: AtomicUsize,
     index: Mutex<Index>,
 }
 
@@ -95,6 +96,7 @@ impl Hub {
             pending: Mutex::default(),
             notify: Notify::new(),
         });
+        self.streams.fetch_add(1, Ordering::Relaxed);
         if follows_contacts {
             self.index
                 .lock()
@@ -113,6 +115,7 @@ impl Hub {
             remove_from(&mut index.by_watched, user, watcher.id);
         }
         remove_from(&mut index.by_owner, &watcher.owner, watcher.id);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn watch(&self, watcher: &Arc<Watcher>, user_id: &str) {
@@ -132,20 +135,21 @@ impl Hub {
         self.index.lock().by_watched.contains_key(user_id)
     }
 
-    /// How many users the node's watchers watch, and how many streams follow
-    /// contact changes.
+    /// How many watch streams are open on this node, and how many distinct
+    /// users they watch.
     pub fn sizes(&self) -> (usize, usize) {
-        let index = self.index.lock();
         (
-            index.by_watched.len(),
-            index.by_owner.values().map(Vec::len).sum(),
+            self.streams.load(Ordering::Relaxed),
+            self.index.lock().by_watched.len(),
         )
     }
 
     pub fn deliver(&self, event: &BusEvent) {
         match event {
             BusEvent::Presence { user_id, record } => {
-                for watcher in self.watchers(|index| index.by_watched.get(user_id)) {
+                let watchers = self.watchers(|index| index.by_watched.get(user_id));
+                crate::metrics::fanout(watchers.len());
+                for watcher in watchers {
                     watcher.push(user_id, Pending::Presence(Box::new(record.clone())));
                 }
             }

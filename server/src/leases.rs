@@ -38,15 +38,19 @@ pub struct Leases {
 
 impl Leases {
     /// Starts or renews the lease of `session` (held by `session.conn_id`),
-    /// replacing any lease of an older connection of the same device.
-    /// Returns the session previously held under the key, if any.
-    pub fn hold(&self, key: SessionKey, session: Session, lease: Duration) -> Option<Session> {
+    /// replacing any lease of an older connection of the same device. Returns
+    /// true if that older connection had closed and its session was waiting
+    /// out the grace period: a reconnect that spared contacts a flap.
+    pub fn hold(&self, key: SessionKey, session: Session, lease: Duration) -> bool {
         let lease = Lease {
             session,
             deadline: Instant::now() + lease,
             reason: OfflineReason::LeaseExpired,
         };
-        self.leases.lock().insert(key, lease).map(|old| old.session)
+        self.leases
+            .lock()
+            .insert(key, lease)
+            .is_some_and(|old| old.reason == OfflineReason::ConnectionClosed)
     }
 
     /// Renews the lease while `conn_id` holds it; false if it does not (the

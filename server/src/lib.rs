@@ -21,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod hub;
 pub mod leases;
+pub mod metrics;
 pub mod node;
 pub mod store;
 pub mod telemetry;
@@ -36,6 +37,9 @@ use tokio::sync::watch as signal;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tower_http::cors::CorsLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
 
 use crate::api::Api;
 use crate::auth::Authenticator;
@@ -125,6 +129,13 @@ pub async fn run(
 
     Server::builder()
         .accept_http1(true)
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(rpc_span)
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(CorsLayer::very_permissive())
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
@@ -144,4 +155,16 @@ pub async fn run(
     node.leave().await;
     tracing::info!(sessions_left = node.session_count(), "drained");
     Ok(())
+}
+
+/// Every call gets a span with its method and request id (the caller's
+/// `x-request-id`, or a fresh one, echoed in the response), so all log lines of
+/// one call can be found together.
+fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|id| id.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("rpc", method = %request.uri().path(), request_id)
 }

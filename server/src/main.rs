@@ -29,8 +29,17 @@ async fn main() -> ExitCode {
         eprintln!("presence-server: {error}");
         return ExitCode::from(2);
     }
-    if let Err(error) = presence_server::telemetry::init(cli.config.log_format) {
-        eprintln!("presence-server: cannot set up logging: {error}");
+    let _telemetry = match presence_server::telemetry::init(cli.config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("presence-server: cannot set up telemetry: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(addr) = cli.config.metrics_listen
+        && let Err(error) = presence_server::telemetry::serve_metrics(addr)
+    {
+        tracing::error!(error = format!("{error:#}"), %addr, "cannot serve metrics");
         return ExitCode::FAILURE;
     }
     let listener = match TcpListener::bind(cli.config.listen).await {

@@ -20,7 +20,8 @@ use crate::domain::{
 };
 use crate::hub::Hub;
 use crate::leases::{Leases, SessionKey};
-use crate::store::{BusEvent, ContactStore, FanOut, HistoryStore, HotStore};
+use crate::metrics;
+use crate::store::{BusEvent, ContactStore, FanOut, HistoryStore, HotStore, StoreError};
 
 /// The backends a node runs on.
 pub struct Backends {
@@ -99,8 +100,14 @@ impl Node {
             .backends
             .hot
             .apply(user_id, mutation, now, self.limits())
-            .await?;
+            .await
+            .inspect_err(|error| {
+                if matches!(error, StoreError::Unavailable(_)) {
+                    metrics::backend_error("hot");
+                }
+            })?;
         if applied.shown_changed {
+            metrics::change();
             self.publish_change(user_id, &record).await;
         }
         Ok(record)
@@ -109,6 +116,7 @@ impl Node {
     async fn publish_change(&self, user_id: &str, record: &UserRecord) {
         let entry = HistoryRecord::of(user_id, &record.shown, record.shown.last_seen_ms);
         if let Err(error) = self.backends.history.append(&[entry]).await {
+            metrics::backend_error("history");
             tracing::error!(%error, user_id, "history append failed");
         }
         let event = BusEvent::Presence {
@@ -116,6 +124,7 @@ impl Node {
             record: record.clone(),
         };
         if let Err(error) = self.backends.fanout.publish(event).await {
+            metrics::backend_error("fanout");
             tracing::warn!(%error, user_id, "fan-out publish failed");
         }
     }
@@ -162,8 +171,12 @@ impl Node {
             user_id: caller.user_id.clone(),
             device_id: open.device_id,
         };
-        self.leases
-            .hold(key.clone(), session.clone(), self.config.lease);
+        if self
+            .leases
+            .hold(key.clone(), session.clone(), self.config.lease)
+        {
+            metrics::reconnect_in_grace();
+        }
         Ok((key, session, record))
     }
 
@@ -253,6 +266,7 @@ impl Node {
             device_id: device_id.clone(),
         };
         self.leases.release(&key);
+        metrics::session_ended(OfflineReason::Logout);
         self.mutate(
             &caller.user_id,
             Mutation::End {
@@ -435,6 +449,7 @@ impl Node {
         let expired = self.leases.take_expired(Instant::now());
         let count = expired.len();
         for lease in expired {
+            metrics::session_ended(lease.reason);
             let mutation = Mutation::End {
                 device_id: lease.key.device_id,
                 conn_id: Some(lease.conn_id),
@@ -462,6 +477,8 @@ impl Node {
                 _ = sweep.tick() => {
                     self.sweep().await;
                     self.reclaim_lost_nodes().await;
+                    let (streams, watched) = self.backends.hub.sizes();
+                    metrics::node_gauges(self.leases.len(), streams, watched);
                 }
                 _ = renew.tick() => self.renew_node_lease().await,
                 _ = &mut stop => return,
@@ -526,6 +543,7 @@ impl Node {
             "node lost, ending its sessions"
         );
         for user_id in users {
+            metrics::session_ended(OfflineReason::NodeLost);
             self.mutate(
                 &user_id,
                 Mutation::EndNode {

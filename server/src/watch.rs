@@ -99,6 +99,7 @@ pub fn watch(
                 yield WatchEvent::Presence(view);
             }
         }
+        crate::metrics::snapshot(users.len());
         yield WatchEvent::SnapshotComplete { watched: users.len() as u32 };
         tokio::pin!(drained);
 

@@ -18,7 +18,13 @@ fn session(device: &str, conn_id: u64, activity: Activity) -> Session {
     }
 }
 
-fn open(record: &mut UserRecord, device: &str, conn_id: u64, activity: Activity, now: i64) -> Applied {
+fn open(
+    record: &mut UserRecord,
+    device: &str,
+    conn_id: u64,
+    activity: Activity,
+    now: i64,
+) -> Applied {
     let mutation = Mutation::Open {
         session: session(device, conn_id, activity),
         status: None,
@@ -34,7 +40,13 @@ fn set_status(record: &mut UserRecord, chosen: ChosenStatus, message: &str, now:
     apply(record, mutation, now, LIMITS).unwrap()
 }
 
-fn end(record: &mut UserRecord, device: &str, conn_id: Option<u64>, reason: OfflineReason, now: i64) -> Applied {
+fn end(
+    record: &mut UserRecord,
+    device: &str,
+    conn_id: Option<u64>,
+    reason: OfflineReason,
+    now: i64,
+) -> Applied {
     let mutation = Mutation::End {
         device_id: device.to_owned(),
         conn_id,
@@ -46,7 +58,11 @@ fn end(record: &mut UserRecord, device: &str, conn_id: Option<u64>, reason: Offl
 #[test]
 fn derived_status_follows_the_rules_for_every_combination() {
     let activities = [None, Some(Activity::Active), Some(Activity::Idle)];
-    for chosen in [ChosenStatus::Online, ChosenStatus::Busy, ChosenStatus::Invisible] {
+    for chosen in [
+        ChosenStatus::Online,
+        ChosenStatus::Busy,
+        ChosenStatus::Invisible,
+    ] {
         for first in activities {
             for second in activities {
                 let sessions: Vec<Session> = [first, second]
@@ -69,7 +85,11 @@ fn derived_status_follows_the_rules_for_every_combination() {
                 } else {
                     VisibleStatus::Idle
                 };
-                assert_eq!(record.derived_status(), expected, "{chosen:?} {first:?} {second:?}");
+                assert_eq!(
+                    record.derived_status(),
+                    expected,
+                    "{chosen:?} {first:?} {second:?}"
+                );
             }
         }
     }
@@ -159,10 +179,35 @@ fn lost_node_ends_only_its_own_sessions() {
     open(&mut record, "phone", 1, Activity::Active, 1_000);
     let mut other = session("laptop", 2, Activity::Idle);
     other.node_id = "n2".into();
-    apply(&mut record, Mutation::Open { session: other, status: None }, 1_000, LIMITS).unwrap();
-    apply(&mut record, Mutation::EndNode { node_id: "n1".into() }, 2_000, LIMITS).unwrap();
+    apply(
+        &mut record,
+        Mutation::Open {
+            session: other,
+            status: None,
+        },
+        1_000,
+        LIMITS,
+    )
+    .unwrap();
+    apply(
+        &mut record,
+        Mutation::EndNode {
+            node_id: "n1".into(),
+        },
+        2_000,
+        LIMITS,
+    )
+    .unwrap();
     assert_eq!(record.shown.status, VisibleStatus::Idle);
-    apply(&mut record, Mutation::EndNode { node_id: "n2".into() }, 3_000, LIMITS).unwrap();
+    apply(
+        &mut record,
+        Mutation::EndNode {
+            node_id: "n2".into(),
+        },
+        3_000,
+        LIMITS,
+    )
+    .unwrap();
     assert_eq!(record.shown.offline_reason, Some(OfflineReason::NodeLost));
 }
 
@@ -172,8 +217,17 @@ fn a_late_close_of_an_old_connection_does_not_end_the_reconnected_session() {
     open(&mut record, "phone", 1, Activity::Active, 1_000);
     let version = record.shown.version;
     let applied = open(&mut record, "phone", 2, Activity::Active, 1_500);
-    assert!(!applied.shown_changed, "a reconnect is no change to contacts");
-    let applied = end(&mut record, "phone", Some(1), OfflineReason::ConnectionClosed, 2_000);
+    assert!(
+        !applied.shown_changed,
+        "a reconnect is no change to contacts"
+    );
+    let applied = end(
+        &mut record,
+        "phone",
+        Some(1),
+        OfflineReason::ConnectionClosed,
+        2_000,
+    );
     assert!(!applied.record_changed);
     assert_eq!(record.shown.version, version);
     assert_eq!(record.sessions[0].conn_id, 2);
@@ -184,10 +238,28 @@ fn a_reconnect_keeps_when_the_session_started() {
     let mut record = UserRecord::default();
     let mut first = session("phone", 1, Activity::Active);
     first.connected_since_ms = 1_000;
-    apply(&mut record, Mutation::Open { session: first, status: None }, 1_000, LIMITS).unwrap();
+    apply(
+        &mut record,
+        Mutation::Open {
+            session: first,
+            status: None,
+        },
+        1_000,
+        LIMITS,
+    )
+    .unwrap();
     let mut again = session("phone", 2, Activity::Active);
     again.connected_since_ms = 9_000;
-    apply(&mut record, Mutation::Open { session: again, status: None }, 9_000, LIMITS).unwrap();
+    apply(
+        &mut record,
+        Mutation::Open {
+            session: again,
+            status: None,
+        },
+        9_000,
+        LIMITS,
+    )
+    .unwrap();
     assert_eq!(record.sessions[0].connected_since_ms, 1_000);
 }
 
@@ -202,7 +274,10 @@ fn an_update_from_a_replaced_connection_is_refused_and_changes_nothing() {
         activity: Some(Activity::Idle),
         status: None,
     };
-    assert_eq!(apply(&mut record, stale, 2_000, LIMITS), Err(TransitionError::SessionReplaced));
+    assert_eq!(
+        apply(&mut record, stale, 2_000, LIMITS),
+        Err(TransitionError::SessionReplaced)
+    );
     assert_eq!(record, before);
 }
 
@@ -230,7 +305,10 @@ fn too_many_devices_are_refused_but_reconnects_are_not() {
         session: session("d3", 9, Activity::Active),
         status: None,
     };
-    assert_eq!(apply(&mut record, fourth, 2_000, LIMITS), Err(TransitionError::TooManySessions(3)));
+    assert_eq!(
+        apply(&mut record, fourth, 2_000, LIMITS),
+        Err(TransitionError::TooManySessions(3))
+    );
     assert_eq!(record, before);
     open(&mut record, "d0", 10, Activity::Idle, 2_000);
     assert_eq!(record.sessions.len(), 3);
@@ -248,7 +326,13 @@ fn touch_opens_then_renews_and_moves_the_session_to_the_touching_node() {
     };
     apply(&mut record, touch(1, "n1", None), 1_000, LIMITS).unwrap();
     assert_eq!(record.shown.status, VisibleStatus::Online);
-    apply(&mut record, touch(2, "n2", Some(Activity::Idle)), 2_000, LIMITS).unwrap();
+    apply(
+        &mut record,
+        touch(2, "n2", Some(Activity::Idle)),
+        2_000,
+        LIMITS,
+    )
+    .unwrap();
     assert_eq!(record.sessions.len(), 1);
     assert_eq!(record.sessions[0].node_id, "n2");
     assert_eq!(record.shown.status, VisibleStatus::Idle);
@@ -270,7 +354,13 @@ fn going_invisible_looks_like_a_logout_and_then_nothing_moves() {
     open(&mut record, "laptop", 2, Activity::Idle, 3_000);
     set_status(&mut record, ChosenStatus::Invisible, "other secret", 4_000);
     end(&mut record, "phone", Some(1), OfflineReason::Logout, 5_000);
-    end(&mut record, "laptop", Some(2), OfflineReason::LeaseExpired, 6_000);
+    end(
+        &mut record,
+        "laptop",
+        Some(2),
+        OfflineReason::LeaseExpired,
+        6_000,
+    );
     assert_eq!(record.shown, hidden);
 
     let contact = View::of("u", Some(&record), Viewer::Contact);
@@ -304,7 +394,10 @@ fn a_user_invisible_from_the_start_is_never_seen() {
     let applied = apply(&mut record, mutation, 1_000, LIMITS).unwrap();
     assert!(!applied.shown_changed);
     assert_eq!(record.shown, Shown::default());
-    assert_eq!(View::of("u", Some(&record), Viewer::Contact), View::of("u", None, Viewer::Contact));
+    assert_eq!(
+        View::of("u", Some(&record), Viewer::Contact),
+        View::of("u", None, Viewer::Contact)
+    );
 }
 
 #[test]
@@ -339,9 +432,18 @@ fn history_hides_invisibility_from_contacts_only() {
         offline_reason: Some(OfflineReason::Invisible),
         version: 1,
     };
-    assert_eq!(history_view(entry.clone(), Viewer::Contact).offline_reason, Some(OfflineReason::Logout));
-    assert_eq!(history_view(entry.clone(), Viewer::Owner).offline_reason, Some(OfflineReason::Invisible));
-    assert_eq!(history_view(entry, Viewer::Admin).offline_reason, Some(OfflineReason::Invisible));
+    assert_eq!(
+        history_view(entry.clone(), Viewer::Contact).offline_reason,
+        Some(OfflineReason::Logout)
+    );
+    assert_eq!(
+        history_view(entry.clone(), Viewer::Owner).offline_reason,
+        Some(OfflineReason::Invisible)
+    );
+    assert_eq!(
+        history_view(entry, Viewer::Admin).offline_reason,
+        Some(OfflineReason::Invisible)
+    );
 }
 
 #[test]
