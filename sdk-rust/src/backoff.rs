@@ -62,7 +62,10 @@ impl Backoff {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         if !self.factor.is_finite() || self.factor < 1.0 {
-            return Err(format!("backoff factor must be a finite number >= 1, got {}", self.factor));
+            return Err(format!(
+                "backoff factor must be a finite number >= 1, got {}",
+                self.factor
+            ));
         }
         if self.initial > self.max {
             return Err("backoff initial delay exceeds its max".to_owned());
@@ -94,7 +97,10 @@ mod tests {
         for attempt in 0..40 {
             for _ in 0..200 {
                 let delay = backoff.delay(attempt);
-                assert!(delay <= backoff.ceiling(attempt), "attempt {attempt}: {delay:?}");
+                assert!(
+                    delay <= backoff.ceiling(attempt),
+                    "attempt {attempt}: {delay:?}"
+                );
             }
         }
     }
@@ -112,12 +118,25 @@ mod tests {
 
     #[test]
     fn odd_configs_degrade_to_the_max_without_panicking() {
-        let nan = Backoff { factor: f64::NAN, ..Backoff::default() };
+        let nan = Backoff {
+            factor: f64::NAN,
+            ..Backoff::default()
+        };
         assert!(nan.ceiling(5) <= nan.max);
-        let huge = Backoff { factor: 1e300, ..Backoff::default() };
+        let huge = Backoff {
+            factor: 1e300,
+            ..Backoff::default()
+        };
         assert_eq!(huge.ceiling(10), huge.max);
         assert!(nan.validate().is_err());
-        assert!(Backoff { factor: 0.5, ..Backoff::default() }.validate().is_err());
+        assert!(
+            Backoff {
+                factor: 0.5,
+                ..Backoff::default()
+            }
+            .validate()
+            .is_err()
+        );
         assert!(Backoff::default().validate().is_ok());
     }
 }

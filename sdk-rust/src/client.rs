@@ -1,7 +1,7 @@
 //! [`PresenceClient`]: the handle everything goes through.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use futures::stream::BoxStream;
@@ -191,10 +191,15 @@ impl PresenceClient {
     /// [`Error::InvalidArgument`] for `Activity::Unspecified`.
     pub fn set_activity(&self, activity: Activity) -> Result<(), Error> {
         if activity == Activity::Unspecified {
-            return Err(Error::InvalidArgument("activity must be active or idle".to_owned()));
+            return Err(Error::InvalidArgument(
+                "activity must be active or idle".to_owned(),
+            ));
         }
         let session = self.session();
-        let handle = session.as_ref().filter(|h| h.is_running()).ok_or(Error::NoSession)?;
+        let handle = session
+            .as_ref()
+            .filter(|h| h.is_running())
+            .ok_or(Error::NoSession)?;
         handle.desired.send_if_modified(|desired| {
             let changed = desired.activity != activity;
             desired.activity = activity;
@@ -219,8 +224,17 @@ impl PresenceClient {
     ) -> Result<Option<Presence>, Error> {
         let custom_message = custom_message.into();
         let lease = self.lease();
-        let request = SetStatusRequest { status: status as i32, custom_message: custom_message.clone() };
-        let response = match self.inner.connector.presence(&lease).set_status(request).await {
+        let request = SetStatusRequest {
+            status: status as i32,
+            custom_message: custom_message.clone(),
+        };
+        let response = match self
+            .inner
+            .connector
+            .presence(&lease)
+            .set_status(request)
+            .await
+        {
             Ok(response) => response.into_inner(),
             Err(status) => return Err(self.unary_failed(&lease, status)),
         };
@@ -253,7 +267,13 @@ impl PresenceClient {
             handle.stop().await;
         }
         let lease = self.lease();
-        match self.inner.connector.presence(&lease).disconnect(DisconnectRequest { device_id }).await {
+        match self
+            .inner
+            .connector
+            .presence(&lease)
+            .disconnect(DisconnectRequest { device_id })
+            .await
+        {
             Ok(_) => Ok(()),
             Err(status) => Err(self.unary_failed(&lease, status)),
         }
@@ -282,14 +302,23 @@ impl PresenceClient {
     /// caller may not see, and unknown users, come back `OFFLINE` with
     /// version 0. Lists longer than `config.max_batch` are sent as several
     /// requests, one after the other.
-    pub async fn get_presence<S: AsRef<str>>(&self, user_ids: &[S]) -> Result<Vec<Presence>, Error> {
+    pub async fn get_presence<S: AsRef<str>>(
+        &self,
+        user_ids: &[S],
+    ) -> Result<Vec<Presence>, Error> {
         let mut presences = Vec::with_capacity(user_ids.len());
         for chunk in user_ids.chunks(self.inner.config.max_batch.max(1)) {
             let request = GetPresenceRequest {
                 user_ids: chunk.iter().map(|id| id.as_ref().to_owned()).collect(),
             };
             let lease = self.lease();
-            match self.inner.connector.presence(&lease).get_presence(request).await {
+            match self
+                .inner
+                .connector
+                .presence(&lease)
+                .get_presence(request)
+                .await
+            {
                 Ok(response) => presences.extend(response.into_inner().presences),
                 Err(status) => return Err(self.unary_failed(&lease, status)),
             }
@@ -302,7 +331,9 @@ impl PresenceClient {
         let mut presences = self.get_presence(&[user_id]).await?;
         match presences.pop() {
             Some(presence) if presences.is_empty() => Ok(presence),
-            _ => Err(Error::Protocol("expected exactly one presence in the response".to_owned())),
+            _ => Err(Error::Protocol(
+                "expected exactly one presence in the response".to_owned(),
+            )),
         }
     }
 
@@ -326,7 +357,13 @@ impl PresenceClient {
             page_token: page_token.to_owned(),
         };
         let lease = self.lease();
-        match self.inner.connector.presence(&lease).get_history(request).await {
+        match self
+            .inner
+            .connector
+            .presence(&lease)
+            .get_history(request)
+            .await
+        {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.unary_failed(&lease, status)),
         }
@@ -378,13 +415,26 @@ impl PresenceClient {
     /// Links `user_id` with each of `contact_ids`, both ways, and returns how
     /// many links were new. Needs the admin scope. Open watches of both sides
     /// pick the new contacts up.
-    pub async fn add_contacts<S: AsRef<str>>(&self, user_id: &str, contact_ids: &[S]) -> Result<u32, Error> {
+    pub async fn add_contacts<S: AsRef<str>>(
+        &self,
+        user_id: &str,
+        contact_ids: &[S],
+    ) -> Result<u32, Error> {
         let request = AddContactsRequest {
             user_id: user_id.to_owned(),
-            contact_ids: contact_ids.iter().map(|id| id.as_ref().to_owned()).collect(),
+            contact_ids: contact_ids
+                .iter()
+                .map(|id| id.as_ref().to_owned())
+                .collect(),
         };
         let lease = self.lease();
-        match self.inner.connector.contacts(&lease).add_contacts(request).await {
+        match self
+            .inner
+            .connector
+            .contacts(&lease)
+            .add_contacts(request)
+            .await
+        {
             Ok(response) => Ok(response.into_inner().added),
             Err(status) => Err(self.unary_failed(&lease, status)),
         }
@@ -399,10 +449,19 @@ impl PresenceClient {
     ) -> Result<u32, Error> {
         let request = RemoveContactsRequest {
             user_id: user_id.to_owned(),
-            contact_ids: contact_ids.iter().map(|id| id.as_ref().to_owned()).collect(),
+            contact_ids: contact_ids
+                .iter()
+                .map(|id| id.as_ref().to_owned())
+                .collect(),
         };
         let lease = self.lease();
-        match self.inner.connector.contacts(&lease).remove_contacts(request).await {
+        match self
+            .inner
+            .connector
+            .contacts(&lease)
+            .remove_contacts(request)
+            .await
+        {
             Ok(response) => Ok(response.into_inner().removed),
             Err(status) => Err(self.unary_failed(&lease, status)),
         }
@@ -411,14 +470,21 @@ impl PresenceClient {
     /// A user's contacts, sorted. `None` means the caller's own; anyone
     /// else's needs the admin scope.
     pub async fn list_contacts(&self, user_id: Option<&str>) -> Result<Vec<String>, Error> {
-        let request = ListContactsRequest { user_id: user_id.unwrap_or_default().to_owned() };
+        let request = ListContactsRequest {
+            user_id: user_id.unwrap_or_default().to_owned(),
+        };
         let lease = self.lease();
-        match self.inner.connector.contacts(&lease).list_contacts(request).await {
+        match self
+            .inner
+            .connector
+            .contacts(&lease)
+            .list_contacts(request)
+            .await
+        {
             Ok(response) => Ok(response.into_inner().contact_ids),
             Err(status) => Err(self.unary_failed(&lease, status)),
         }
     }
-
 }
 
 /// Milliseconds since the Unix epoch, as the API counts time; times before
@@ -459,7 +525,10 @@ fn history_stream(
                     let entries = page.entries.into_iter().map(Ok);
                     Some((futures::stream::iter(entries).left_stream(), next))
                 }
-                Err(error) => Some((futures::stream::once(async { Err(error) }).right_stream(), None)),
+                Err(error) => Some((
+                    futures::stream::once(async { Err(error) }).right_stream(),
+                    None,
+                )),
             }
         }
     });
@@ -469,21 +538,37 @@ fn history_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn times_convert_to_unix_milliseconds() {
         assert_eq!(unix_ms(UNIX_EPOCH), 0);
-        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)), 1_700_000_000_123);
+        assert_eq!(
+            unix_ms(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+            1_700_000_000_123
+        );
         assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 
     #[tokio::test]
     async fn session_calls_need_a_device_id() {
         let client = PresenceClient::connect_lazy(ClientConfig::default()).unwrap();
-        assert!(matches!(client.start_session(SessionOptions::default()).await, Err(Error::Config(_))));
-        assert!(matches!(client.touch(Activity::Active).await, Err(Error::Config(_))));
-        assert!(matches!(client.set_activity(Activity::Idle), Err(Error::NoSession)));
-        assert!(matches!(client.session_state().borrow().clone(), SessionState::Idle));
+        assert!(matches!(
+            client.start_session(SessionOptions::default()).await,
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            client.touch(Activity::Active).await,
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            client.set_activity(Activity::Idle),
+            Err(Error::NoSession)
+        ));
+        assert!(matches!(
+            client.session_state().borrow().clone(),
+            SessionState::Idle
+        ));
     }
 
     #[tokio::test]
@@ -495,12 +580,20 @@ mod tests {
             ..ClientConfig::with_endpoint("http://127.0.0.1:1")
         };
         let client = PresenceClient::connect_lazy(config).unwrap();
-        let error = client.start_session(SessionOptions::default()).await.unwrap_err();
+        let error = client
+            .start_session(SessionOptions::default())
+            .await
+            .unwrap_err();
         assert!(error.is_retryable(), "{error}");
         let mut state = client.session_state();
-        let closed = state.wait_for(|s| matches!(s, SessionState::Closed { .. })).await;
+        let closed = state
+            .wait_for(|s| matches!(s, SessionState::Closed { .. }))
+            .await;
         assert!(closed.is_ok());
-        assert!(matches!(client.set_activity(Activity::Idle), Err(Error::NoSession)));
+        assert!(matches!(
+            client.set_activity(Activity::Idle),
+            Err(Error::NoSession)
+        ));
     }
 
     #[tokio::test]
@@ -510,6 +603,9 @@ mod tests {
             connect_timeout: Duration::from_millis(500),
             ..ClientConfig::default()
         };
-        assert!(matches!(PresenceClient::connect(config).await, Err(Error::Transport(_))));
+        assert!(matches!(
+            PresenceClient::connect(config).await,
+            Err(Error::Transport(_))
+        ));
     }
 }

@@ -33,10 +33,17 @@ pub(crate) struct Auth {
 }
 
 impl Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         // A poisoned lock only means another thread panicked while swapping
         // the token; the value inside is still a whole `Option`.
-        let header = self.header.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let header = self
+            .header
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(value) = header {
             request.metadata_mut().insert("authorization", value);
         }
@@ -114,13 +121,23 @@ impl Connector {
     /// order.
     pub(crate) async fn connect(config: &ClientConfig) -> Result<Self, Error> {
         let endpoints = Self::endpoints(config)?;
-        let auth = Auth { header: Arc::new(RwLock::new(bearer(config.token.as_deref())?)) };
+        let auth = Auth {
+            header: Arc::new(RwLock::new(bearer(config.token.as_deref())?)),
+        };
         let mut last_error = None;
         for (index, endpoint) in endpoints.iter().enumerate() {
             match endpoint.connect().await {
                 Ok(channel) => {
-                    let current = Mutex::new(Current { index, generation: 0, channel });
-                    return Ok(Self { endpoints, current, auth });
+                    let current = Mutex::new(Current {
+                        index,
+                        generation: 0,
+                        channel,
+                    });
+                    return Ok(Self {
+                        endpoints,
+                        current,
+                        auth,
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %endpoint.uri(), error = %e, "endpoint did not answer");
@@ -138,10 +155,20 @@ impl Connector {
     /// connects. Must run inside a Tokio runtime.
     pub(crate) fn connect_lazy(config: &ClientConfig) -> Result<Self, Error> {
         let endpoints = Self::endpoints(config)?;
-        let auth = Auth { header: Arc::new(RwLock::new(bearer(config.token.as_deref())?)) };
+        let auth = Auth {
+            header: Arc::new(RwLock::new(bearer(config.token.as_deref())?)),
+        };
         let channel = endpoints[0].connect_lazy();
-        let current = Mutex::new(Current { index: 0, generation: 0, channel });
-        Ok(Self { endpoints, current, auth })
+        let current = Mutex::new(Current {
+            index: 0,
+            generation: 0,
+            channel,
+        });
+        Ok(Self {
+            endpoints,
+            current,
+            auth,
+        })
     }
 
     /// Replaces the bearer token for all later calls.
@@ -204,11 +231,18 @@ mod tests {
 
     #[test]
     fn the_token_becomes_a_bearer_header() {
-        let mut auth = Auth { header: Arc::new(RwLock::new(bearer(Some("abc")).unwrap())) };
+        let mut auth = Auth {
+            header: Arc::new(RwLock::new(bearer(Some("abc")).unwrap())),
+        };
         let request = auth.call(tonic::Request::new(())).unwrap();
-        assert_eq!(request.metadata().get("authorization").unwrap(), "Bearer abc");
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer abc"
+        );
 
-        let mut none = Auth { header: Arc::new(RwLock::new(None)) };
+        let mut none = Auth {
+            header: Arc::new(RwLock::new(None)),
+        };
         let request = none.call(tonic::Request::new(())).unwrap();
         assert!(request.metadata().get("authorization").is_none());
     }
@@ -220,10 +254,19 @@ mod tests {
 
     #[test]
     fn bad_configs_fail_before_any_io() {
-        let empty = ClientConfig { endpoints: vec![], ..ClientConfig::default() };
-        assert!(matches!(Connector::endpoints(&empty), Err(Error::Config(_))));
+        let empty = ClientConfig {
+            endpoints: vec![],
+            ..ClientConfig::default()
+        };
+        assert!(matches!(
+            Connector::endpoints(&empty),
+            Err(Error::Config(_))
+        ));
         let bad_url = ClientConfig::with_endpoint("not a url");
-        assert!(matches!(Connector::endpoints(&bad_url), Err(Error::Config(_))));
+        assert!(matches!(
+            Connector::endpoints(&bad_url),
+            Err(Error::Config(_))
+        ));
     }
 
     #[tokio::test]

@@ -9,9 +9,9 @@ use tonic::Code;
 /// `Clone`, so one failure can be both returned to a caller and kept in the
 /// observable [`SessionState`](crate::SessionState).
 ///
-/// Server errors arrive as gRPC statuses and are mapped once, in
-/// [`From<tonic::Status>`](#impl-From<Status>-for-Error); the variants named after
-/// a status code carry the server's message. [`Error::is_retryable`] tells the
+/// Server errors arrive as gRPC statuses and are mapped once, by the
+/// `From<tonic::Status>` impl; the variants named after a status code carry
+/// the server's message. [`Error::is_retryable`] tells the
 /// SDK's own reconnect loops (and callers) whether trying again can help.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -39,7 +39,7 @@ pub enum Error {
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     /// The connection to an endpoint could not be set up.
-    #[error("transport error: {0}")]
+    #[error("transport error: {}", causes(.0.as_ref()))]
     Transport(#[source] Arc<tonic::transport::Error>),
     /// The [`ClientConfig`](crate::ClientConfig) is unusable (no endpoint, a bad
     /// URL, a token that is not a valid header value, a missing device id).
@@ -118,6 +118,22 @@ impl From<tonic::transport::Error> for Error {
     }
 }
 
+/// The causes below a transport error, joined: tonic's own message is only
+/// "transport error", the useful part ("tcp connect error: connection
+/// refused") is in its sources.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    if parts.is_empty() {
+        return error.to_string();
+    }
+    parts.join(": ")
+}
+
 /// The code in words, lowercase like every message of this crate.
 fn code_name(code: Code) -> &'static str {
     match code {
@@ -185,7 +201,10 @@ mod tests {
             Error::from(Status::resource_exhausted("too many sessions")),
             Error::ResourceExhausted(_)
         ));
-        assert!(matches!(Error::from(Status::unavailable("draining")), Error::Unavailable(_)));
+        assert!(matches!(
+            Error::from(Status::unavailable("draining")),
+            Error::Unavailable(_)
+        ));
         assert!(matches!(
             Error::from(Status::deadline_exceeded("slow")),
             Error::DeadlineExceeded(_)
@@ -199,7 +218,10 @@ mod tests {
     #[test]
     fn an_empty_status_message_falls_back_to_the_code_description() {
         let err = Error::from(Status::unavailable(""));
-        assert_eq!(err.to_string(), format!("unavailable: {}", Code::Unavailable.description()));
+        assert_eq!(
+            err.to_string(),
+            format!("unavailable: {}", Code::Unavailable.description())
+        );
     }
 
     #[test]
@@ -215,7 +237,10 @@ mod tests {
             Error::Protocol("x".into()),
             Error::NoSession,
             Error::SessionAlreadyStarted,
-            Error::Other { code: Code::FailedPrecondition, message: "x".into() },
+            Error::Other {
+                code: Code::FailedPrecondition,
+                message: "x".into(),
+            },
         ];
         for err in errors {
             let text = err.to_string();

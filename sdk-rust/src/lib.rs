@@ -94,6 +94,8 @@
 //! does not fit is skipped (the next one carries the same state), and a slow
 //! watch consumer slows the HTTP/2 stream, which makes the server coalesce.
 
+#![warn(missing_docs)]
+
 mod backoff;
 mod client;
 mod config;

@@ -39,6 +39,11 @@ const OUTBOUND_CAPACITY: usize = 4;
 /// the server asks: a bogus huge value must not park the session for days.
 const MAX_GO_AWAY_WAIT: Duration = Duration::from_secs(30);
 
+/// The least time between two beats when activity changes arrive in quick
+/// succession. The server limits beats per session (5 per second by
+/// default); four per second at most leaves room for the periodic beat.
+const MIN_BEAT_GAP: Duration = Duration::from_millis(250);
+
 /// Floor for the server-chosen heartbeat interval, so a zero or tiny value
 /// from a misconfigured server cannot turn the task into a busy loop.
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -154,7 +159,11 @@ impl SessionTask {
     /// attempt (the task then ends; it does not retry a session that never
     /// opened, so the caller learns about a bad token or an unreachable server
     /// at once).
-    pub(crate) fn spawn(self, desired: Desired, ready: oneshot::Sender<Result<(), Error>>) -> SessionHandle {
+    pub(crate) fn spawn(
+        self,
+        desired: Desired,
+        ready: oneshot::Sender<Result<(), Error>>,
+    ) -> SessionHandle {
         let (desired_tx, desired_rx) = watch::channel(desired);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -170,7 +179,11 @@ impl SessionTask {
             }
             state.send_replace(SessionState::Closed { error });
         });
-        SessionHandle { desired: desired_tx, stop: stop_tx, task }
+        SessionHandle {
+            desired: desired_tx,
+            stop: stop_tx,
+            task,
+        }
     }
 
     /// Opens, keeps, and re-opens the stream until an error that retrying
@@ -207,7 +220,11 @@ impl SessionTask {
                     if !error.is_retryable() {
                         return Some(error);
                     }
-                    failures = if healthy { 1 } else { failures.saturating_add(1) };
+                    failures = if healthy {
+                        1
+                    } else {
+                        failures.saturating_add(1)
+                    };
                     self.state.send_replace(SessionState::Reconnecting {
                         attempt: failures,
                         reason: error.to_string(),
@@ -243,7 +260,10 @@ impl SessionTask {
         desired: &mut watch::Receiver<Desired>,
         ready: &mut Option<oneshot::Sender<Result<(), Error>>>,
     ) -> StreamEnd {
-        let failed = |error: Error| StreamEnd::Failed { error, healthy: false };
+        let failed = |error: Error| StreamEnd::Failed {
+            error,
+            healthy: false,
+        };
         let (outbound, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         let open = self.open_request(&desired.borrow_and_update());
         // Cannot fail: the channel is new and empty, and we hold its receiver.
@@ -255,9 +275,17 @@ impl SessionTask {
             Err(status) => return failed(status.into()),
         };
         let opened = match tokio::time::timeout(self.request_timeout, inbound.message()).await {
-            Err(_) => return failed(Error::DeadlineExceeded("no answer to the session open".to_owned())),
+            Err(_) => {
+                return failed(Error::DeadlineExceeded(
+                    "no answer to the session open".to_owned(),
+                ));
+            }
             Ok(Err(status)) => return failed(status.into()),
-            Ok(Ok(None)) => return failed(Error::Unavailable("server closed the session stream".to_owned())),
+            Ok(Ok(None)) => {
+                return failed(Error::Unavailable(
+                    "server closed the session stream".to_owned(),
+                ));
+            }
             Ok(Ok(Some(response))) => match response.response {
                 Some(heartbeat_response::Response::Opened(opened)) => opened,
                 Some(heartbeat_response::Response::GoAway(go_away)) => {
@@ -266,7 +294,11 @@ impl SessionTask {
                         reason: go_away.reason,
                     };
                 }
-                _ => return failed(Error::Protocol("first session response was not opened".to_owned())),
+                _ => {
+                    return failed(Error::Protocol(
+                        "first session response was not opened".to_owned(),
+                    ));
+                }
             },
         };
         let (interval, lease_time) = timings(opened.heartbeat_interval_ms, opened.lease_ms);
@@ -287,17 +319,29 @@ impl SessionTask {
         let mut seq: u64 = 0;
         let mut last_heard = Instant::now();
         let mut healthy = false;
+        // An activity change waiting for its beat, and when the last beat
+        // went out: changes are sent at once, but never closer together than
+        // `MIN_BEAT_GAP`, so an app flipping active/idle quickly stays under
+        // the server's per-session beat rate. Quick flips coalesce into one
+        // beat carrying the latest activity.
+        let mut change_pending = false;
+        let mut last_beat = Instant::now();
         // Set by a go-away: keep beating the draining node until then, so the
         // lease stays fresh while we wait as asked.
         let mut go_away: Option<(Instant, String)> = None;
         loop {
             let go_away_at = go_away.as_ref().map_or_else(Instant::now, |(at, _)| *at);
-            let beat_activity = tokio::select! {
-                _ = ticker.tick() => Some(desired.borrow().activity),
-                changed = desired.changed() => match changed {
-                    Ok(()) => Some(desired.borrow_and_update().activity),
+            let beat_now = tokio::select! {
+                _ = ticker.tick() => true,
+                changed = desired.changed(), if !change_pending => match changed {
+                    Ok(()) => {
+                        change_pending = true;
+                        false
+                    }
                     Err(_) => return StreamEnd::Stopped,
                 },
+                // Fires at once unless the last beat was very recent.
+                _ = sleep_until(last_beat + MIN_BEAT_GAP), if change_pending => true,
                 message = inbound.message() => {
                     last_heard = Instant::now();
                     let error = match message {
@@ -326,7 +370,7 @@ impl SessionTask {
                         }
                         return StreamEnd::Failed { error, healthy };
                     }
-                    None
+                    false
                 }
                 _ = sleep_until(last_heard + lease_time) => {
                     // Beats get acks; a lease without any answer means the
@@ -342,7 +386,12 @@ impl SessionTask {
                     return StreamEnd::GoAway { wait: Duration::ZERO, reason };
                 }
             };
-            if let Some(activity) = beat_activity {
+            if beat_now {
+                change_pending = false;
+                last_beat = Instant::now();
+                // The next periodic beat is a full interval after this one.
+                ticker.reset();
+                let activity = desired.borrow_and_update().activity;
                 seq += 1;
                 let beat = HeartbeatRequest {
                     request: Some(heartbeat_request::Request::Beat(SessionBeat {
@@ -411,16 +460,34 @@ mod tests {
 
     #[test]
     fn the_server_chooses_the_heartbeat_interval_and_lease() {
-        assert_eq!(timings(5_000, 15_000), (Duration::from_secs(5), Duration::from_secs(15)));
-        assert_eq!(timings(250, 1_000), (Duration::from_millis(250), Duration::from_secs(1)));
+        assert_eq!(
+            timings(5_000, 15_000),
+            (Duration::from_secs(5), Duration::from_secs(15))
+        );
+        assert_eq!(
+            timings(250, 1_000),
+            (Duration::from_millis(250), Duration::from_secs(1))
+        );
     }
 
     #[test]
     fn nonsense_timings_from_the_server_cannot_spin_the_task() {
-        assert_eq!(timings(0, 0), (FALLBACK_HEARTBEAT_INTERVAL, FALLBACK_HEARTBEAT_INTERVAL * 3));
-        assert_eq!(timings(0, 9_000), (Duration::from_secs(3), Duration::from_secs(9)));
-        assert_eq!(timings(1, 0), (MIN_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL * 3));
-        assert_eq!(timings(5_000, 1), (Duration::from_secs(5), Duration::from_secs(10)));
+        assert_eq!(
+            timings(0, 0),
+            (FALLBACK_HEARTBEAT_INTERVAL, FALLBACK_HEARTBEAT_INTERVAL * 3)
+        );
+        assert_eq!(
+            timings(0, 9_000),
+            (Duration::from_secs(3), Duration::from_secs(9))
+        );
+        assert_eq!(
+            timings(1, 0),
+            (MIN_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL * 3)
+        );
+        assert_eq!(
+            timings(5_000, 1),
+            (Duration::from_secs(5), Duration::from_secs(10))
+        );
     }
 
     #[test]

@@ -55,7 +55,9 @@ pub enum PresenceUpdate {
     },
     /// The stream is back: every change missed while disconnected has been
     /// delivered (as `Presence` events before this one), and live changes
-    /// follow.
+    /// follow. Users that stopped being watched while disconnected are
+    /// reported as `ContactRemoved` only if the server says so on resume;
+    /// users it leaves out of the catch-up are taken as unchanged.
     Resumed {
         /// How many users the stream watches.
         watched: u32,
@@ -99,7 +101,8 @@ impl Delivered {
                         return None;
                     }
                 }
-                self.versions.insert(presence.user_id.clone(), presence.version);
+                self.versions
+                    .insert(presence.user_id.clone(), presence.version);
                 Some(PresenceUpdate::Presence(presence))
             }
             presence_event::Event::SnapshotComplete(complete) => {
@@ -120,7 +123,9 @@ impl Delivered {
                 // Only news to the consumer if it holds that user; a resumed
                 // stream repeating a removal must not repeat the event.
                 self.versions.remove(&removed.user_id)?;
-                Some(PresenceUpdate::ContactRemoved { user_id: removed.user_id })
+                Some(PresenceUpdate::ContactRemoved {
+                    user_id: removed.user_id,
+                })
             }
         }
     }
@@ -182,7 +187,9 @@ impl PresenceStream {
             let item = state.next().await?;
             Some((item, state))
         });
-        Self { inner: Box::pin(inner) }
+        Self {
+            inner: Box::pin(inner),
+        }
     }
 }
 
@@ -201,7 +208,12 @@ impl WatchLoop {
                     user_ids: self.user_ids.clone(),
                     known_versions: self.delivered.known_versions(),
                 };
-                match self.connector.presence(&lease).watch_contacts(request).await {
+                match self
+                    .connector
+                    .presence(&lease)
+                    .watch_contacts(request)
+                    .await
+                {
                     Ok(response) => {
                         self.delivered.new_stream();
                         self.inbound = Some((response.into_inner(), lease.generation));
@@ -213,8 +225,13 @@ impl WatchLoop {
             let generation = *generation;
             match inbound.message().await {
                 Ok(Some(event)) => {
-                    let Some(update) = self.delivered.filter(event) else { continue };
-                    if matches!(update, PresenceUpdate::SnapshotComplete { .. } | PresenceUpdate::Resumed { .. }) {
+                    let Some(update) = self.delivered.filter(event) else {
+                        continue;
+                    };
+                    if matches!(
+                        update,
+                        PresenceUpdate::SnapshotComplete { .. } | PresenceUpdate::Resumed { .. }
+                    ) {
                         // The server is serving us again: the next failure
                         // starts the backoff from its first step.
                         self.failures = 0;
@@ -240,7 +257,10 @@ impl WatchLoop {
         self.failures = self.failures.saturating_add(1);
         self.connector.rotate(generation);
         tracing::info!(%error, attempt = self.failures, "presence watch lost, reconnecting");
-        Ok(PresenceUpdate::Reconnecting { attempt: self.failures, reason: error.to_string() })
+        Ok(PresenceUpdate::Reconnecting {
+            attempt: self.failures,
+            reason: error.to_string(),
+        })
     }
 }
 
@@ -286,7 +306,8 @@ impl PresenceMap {
                         return false;
                     }
                 }
-                self.users.insert(presence.user_id.clone(), presence.clone());
+                self.users
+                    .insert(presence.user_id.clone(), presence.clone());
                 true
             }
             PresenceUpdate::ContactRemoved { user_id } => self.users.remove(user_id).is_some(),
@@ -355,13 +376,17 @@ mod tests {
 
     fn complete(watched: u32) -> PresenceEvent {
         PresenceEvent {
-            event: Some(presence_event::Event::SnapshotComplete(SnapshotComplete { watched })),
+            event: Some(presence_event::Event::SnapshotComplete(SnapshotComplete {
+                watched,
+            })),
         }
     }
 
     fn removed(user: &str) -> PresenceEvent {
         PresenceEvent {
-            event: Some(presence_event::Event::ContactRemoved(ContactRemoved { user_id: user.into() })),
+            event: Some(presence_event::Event::ContactRemoved(ContactRemoved {
+                user_id: user.into(),
+            })),
         }
     }
 
@@ -389,7 +414,10 @@ mod tests {
         .into_iter()
         .map(|e| delivered.filter(e))
         .collect();
-        assert_eq!(versions(&first), [("alice".into(), 3), ("bob".into(), 7), ("alice".into(), 4)]);
+        assert_eq!(
+            versions(&first),
+            [("alice".into(), 3), ("bob".into(), 7), ("alice".into(), 4)]
+        );
         assert_eq!(
             delivered.known_versions(),
             HashMap::from([("alice".into(), 4), ("bob".into(), 7)])
@@ -408,36 +436,58 @@ mod tests {
         .map(|e| delivered.filter(e))
         .collect();
         assert_eq!(versions(&second), [("bob".into(), 8)]);
-        assert_eq!(second.last(), Some(&Some(PresenceUpdate::Resumed { watched: 2 })));
+        assert_eq!(
+            second.last(),
+            Some(&Some(PresenceUpdate::Resumed { watched: 2 }))
+        );
     }
 
     #[test]
     fn snapshot_complete_reaches_the_consumer_once() {
         let mut delivered = Delivered::default();
         delivered.new_stream();
-        assert_eq!(delivered.filter(complete(0)), Some(PresenceUpdate::SnapshotComplete { watched: 0 }));
+        assert_eq!(
+            delivered.filter(complete(0)),
+            Some(PresenceUpdate::SnapshotComplete { watched: 0 })
+        );
         assert_eq!(delivered.filter(complete(0)), None);
         delivered.new_stream();
-        assert_eq!(delivered.filter(complete(0)), Some(PresenceUpdate::Resumed { watched: 0 }));
+        assert_eq!(
+            delivered.filter(complete(0)),
+            Some(PresenceUpdate::Resumed { watched: 0 })
+        );
         delivered.new_stream();
-        assert_eq!(delivered.filter(complete(1)), Some(PresenceUpdate::Resumed { watched: 1 }));
+        assert_eq!(
+            delivered.filter(complete(1)),
+            Some(PresenceUpdate::Resumed { watched: 1 })
+        );
     }
 
     #[test]
     fn a_removed_contact_is_forgotten_and_comes_back_fresh() {
         let mut delivered = Delivered::default();
         delivered.new_stream();
-        assert!(delivered.filter(presence("carol", 5, VisibleStatus::Online)).is_some());
+        assert!(
+            delivered
+                .filter(presence("carol", 5, VisibleStatus::Online))
+                .is_some()
+        );
         assert_eq!(
             delivered.filter(removed("carol")),
-            Some(PresenceUpdate::ContactRemoved { user_id: "carol".into() })
+            Some(PresenceUpdate::ContactRemoved {
+                user_id: "carol".into()
+            })
         );
         // Repeated after a resume: not news.
         assert_eq!(delivered.filter(removed("carol")), None);
         assert!(!delivered.known_versions().contains_key("carol"));
         // Re-added with an unchanged version: the consumer dropped her, so
         // she is delivered again.
-        assert!(delivered.filter(presence("carol", 5, VisibleStatus::Online)).is_some());
+        assert!(
+            delivered
+                .filter(presence("carol", 5, VisibleStatus::Online))
+                .is_some()
+        );
     }
 
     #[test]
@@ -445,7 +495,10 @@ mod tests {
         let mut delivered = Delivered::default();
         delivered.new_stream();
         assert_eq!(delivered.filter(PresenceEvent { event: None }), None);
-        assert_eq!(delivered.filter(presence("", 1, VisibleStatus::Online)), None);
+        assert_eq!(
+            delivered.filter(presence("", 1, VisibleStatus::Online)),
+            None
+        );
         assert_eq!(delivered.filter(removed("never-seen")), None);
     }
 
@@ -453,15 +506,24 @@ mod tests {
     fn an_unknown_user_at_version_zero_is_delivered_once() {
         let mut delivered = Delivered::default();
         delivered.new_stream();
-        assert!(delivered.filter(presence("ghost", 0, VisibleStatus::Offline)).is_some());
-        assert!(delivered.filter(presence("ghost", 0, VisibleStatus::Offline)).is_none());
+        assert!(
+            delivered
+                .filter(presence("ghost", 0, VisibleStatus::Offline))
+                .is_some()
+        );
+        assert!(
+            delivered
+                .filter(presence("ghost", 0, VisibleStatus::Offline))
+                .is_none()
+        );
     }
 
     #[test]
     fn the_map_keeps_the_latest_presence_and_tracks_staleness() {
         let mut map = PresenceMap::new();
         let update = |user: &str, version| {
-            let Some(presence_event::Event::Presence(p)) = presence(user, version, VisibleStatus::Online).event
+            let Some(presence_event::Event::Presence(p)) =
+                presence(user, version, VisibleStatus::Online).event
             else {
                 unreachable!()
             };
@@ -473,11 +535,16 @@ mod tests {
         map.apply(&PresenceUpdate::SnapshotComplete { watched: 1 });
         assert!(map.is_complete());
         assert_eq!(map.get("alice").map(|p| p.version), Some(2));
-        map.apply(&PresenceUpdate::Reconnecting { attempt: 1, reason: "x".into() });
+        map.apply(&PresenceUpdate::Reconnecting {
+            attempt: 1,
+            reason: "x".into(),
+        });
         assert!(map.is_stale());
         map.apply(&PresenceUpdate::Resumed { watched: 1 });
         assert!(!map.is_stale());
-        assert!(map.apply(&PresenceUpdate::ContactRemoved { user_id: "alice".into() }));
+        assert!(map.apply(&PresenceUpdate::ContactRemoved {
+            user_id: "alice".into()
+        }));
         assert!(map.is_empty());
     }
 }
