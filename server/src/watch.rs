@@ -99,6 +99,11 @@ pub fn watch(
                 yield WatchEvent::Presence(view);
             }
         }
+        // Users the client held from an earlier stream that are no longer
+        // watched (the contact was removed meanwhile) are said to be gone.
+        for user in request.known_versions.keys().filter(|user| !registration.watched.contains(*user)) {
+            yield WatchEvent::Removed { user_id: user.clone() };
+        }
         crate::metrics::snapshot(users.len());
         yield WatchEvent::SnapshotComplete { watched: users.len() as u32 };
         tokio::pin!(drained);
