@@ -27,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default when no subcommand is given).
     Serve,
+    /// Create or update the durable store's schema (needs --scylla), then exit.
+    Migrate,
     /// Mint a token for trying the API (needs --dev or --jwt-secret).
     Token {
         /// The user the token speaks for (its `sub` claim).
@@ -76,6 +78,41 @@ pub struct Config {
         global = true
     )]
     pub scylla: Vec<String>,
+
+    /// Keyspace of the durable store; created if missing.
+    #[arg(
+        long,
+        env = "PRESENCE_SCYLLA_KEYSPACE",
+        default_value = "presence",
+        global = true
+    )]
+    pub scylla_keyspace: String,
+
+    /// Replication of the keyspace, used only when creating it. The default
+    /// is for development; in production use e.g.
+    /// {'class': 'NetworkTopologyStrategy', 'dc1': 3}.
+    #[arg(
+        long,
+        env = "PRESENCE_SCYLLA_REPLICATION",
+        default_value = "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        global = true
+    )]
+    pub scylla_replication: String,
+
+    /// Client-side timeout of one CQL request: a hung database turns into
+    /// retried errors after this.
+    #[arg(long, env = "PRESENCE_SCYLLA_REQUEST_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
+    pub scylla_request_timeout: Duration,
+
+    /// Most history records held in memory while the durable store is slow
+    /// or away; past it new history records are refused (counted, logged).
+    #[arg(
+        long,
+        env = "PRESENCE_HISTORY_BUFFER",
+        default_value_t = 100_000,
+        global = true
+    )]
+    pub history_buffer: usize,
 
     /// Secret that signs and verifies HS256 tokens (32 bytes or more).
     #[arg(
@@ -237,7 +274,24 @@ impl Config {
                 "--sweep-interval, --heartbeat-interval and --node-lease must be above zero".into(),
             ));
         }
+        if self.history_buffer == 0 {
+            return Err(ConfigError::Invalid(
+                "--history-buffer must be above zero".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// How to reach the durable store.
+    pub fn scylla_config(&self) -> crate::store::scylla::ScyllaConfig {
+        let mut config = crate::store::scylla::ScyllaConfig::new(
+            &self.scylla,
+            &self.scylla_keyspace,
+            self.history_retention,
+        );
+        config.replication = self.scylla_replication.clone();
+        config.request_timeout = self.scylla_request_timeout;
+        config
     }
 
     /// The secret tokens are verified with.

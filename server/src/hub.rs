@@ -63,6 +63,10 @@ impl Watcher {
             // A presence update after an addition is still an addition: the
             // stream loads the latest state anyway.
             Some(Pending::Added) if matches!(event, Pending::Presence(_)) => {}
+            // Two nodes changing one user at once may publish out of order:
+            // a late older state must not replace a newer pending one.
+            Some(Pending::Presence(held)) if matches!(&event, Pending::Presence(new) if new.shown.version < held.shown.version) =>
+                {}
             Some(slot) => *slot = event,
             None => {
                 pending.insert(user_id.to_owned(), event);
@@ -128,6 +132,11 @@ impl Hub {
 
     pub fn unwatch(&self, watcher: &Watcher, user_id: &str) {
         remove_from(&mut self.index.lock().by_watched, user_id, watcher.id);
+    }
+
+    /// Every user some watcher on this node watches.
+    pub fn watched_users(&self) -> Vec<String> {
+        self.index.lock().by_watched.keys().cloned().collect()
     }
 
     /// Whether any watcher on this node watches `user_id`.

@@ -4,8 +4,9 @@
 //!
 //! - [`domain`]: the presence model, pure: sessions, statuses, versions,
 //!   visibility. No I/O.
-//! - [`store`]: one trait per backend (hot store, contacts, history, fan-out)
-//!   and the embedded implementations.
+//! - [`store`]: one trait per backend (hot store, contacts, history, fan-out),
+//!   the embedded implementations, ScyllaDB for contacts and history, and
+//!   the buffer that keeps history writes off the hot path.
 //! - [`hub`]: this node's index of watchers, fed by the fan-out.
 //! - [`leases`]: this node's session leases, renewed in memory.
 //! - [`node`]: the presence operations on top of the backends.
@@ -29,6 +30,7 @@ pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use presence_proto::v1::contacts_service_server::ContactsServiceServer;
 use presence_proto::v1::presence_service_server::PresenceServiceServer;
@@ -46,25 +48,84 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::node::{Backends, Node};
+use crate::store::buffered::{BufferConfig, BufferedHistory};
 use crate::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
+use crate::store::{ContactStore, FanOut, HistoryStore, HotStore};
 
-/// Builds the backends the configuration names. Only the embedded ones exist
-/// in this build.
-pub async fn backends(config: &Config) -> anyhow::Result<Backends> {
-    if !config.redis_cluster.is_empty() || !config.scylla.is_empty() {
-        anyhow::bail!("--redis-cluster and --scylla are not supported by this build yet");
-    }
+/// The backends a node runs on, as the configuration names them, with what
+/// the node must look after besides.
+pub struct OpenedBackends {
+    pub backends: Backends,
+    /// Flushed before the node exits (when the durable store is remote).
+    pub history_buffer: Option<Arc<BufferedHistory>>,
+    /// Ticks when cross-node fan-out may have lost events (Redis pub/sub
+    /// does not replay): the node then refills its watchers.
+    pub fanout_gaps: Option<signal::Receiver<u64>>,
+}
+
+/// Opens the backends: Redis Cluster for hot state and fan-out when
+/// configured, ScyllaDB for contacts and history when configured (else Redis
+/// when configured, else embedded), and the embedded ones otherwise.
+pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
     let hub = Arc::new(Hub::default());
-    Ok(Backends {
-        hot: Arc::new(EmbeddedHotStore::default()),
-        contacts: Arc::new(EmbeddedContactStore::default()),
-        history: EmbeddedHistoryStore::start(config.history_retention),
-        fanout: Arc::new(EmbeddedFanOut::new(hub.clone())),
-        hub,
+    let redis = if config.redis_cluster.is_empty() {
+        None
+    } else {
+        Some(
+            store::redis::connect(&config.redis_cluster, hub.clone(), config.history_retention)
+                .await?,
+        )
+    };
+    let (hot, fanout, fanout_gaps): (Arc<dyn HotStore>, Arc<dyn FanOut>, _) = match &redis {
+        Some(redis) => (
+            redis.hot.clone(),
+            redis.fanout.clone(),
+            Some(redis.fanout.gaps()),
+        ),
+        None => (
+            Arc::new(EmbeddedHotStore::default()),
+            Arc::new(EmbeddedFanOut::new(hub.clone())),
+            None,
+        ),
+    };
+    let (contacts, history, history_buffer): (Arc<dyn ContactStore>, Arc<dyn HistoryStore>, _) =
+        match (&redis, config.scylla.is_empty()) {
+            (_, false) => {
+                let durable = store::scylla::connect_with(&config.scylla_config()).await?;
+                let buffer = BufferedHistory::start(
+                    durable.history,
+                    BufferConfig {
+                        capacity: config.history_buffer,
+                        ..BufferConfig::default()
+                    },
+                );
+                (durable.contacts, buffer.clone(), Some(buffer))
+            }
+            (Some(redis), true) => (redis.contacts.clone(), redis.history.clone(), None),
+            (None, true) => (
+                Arc::new(EmbeddedContactStore::default()),
+                EmbeddedHistoryStore::start(config.history_retention),
+                None,
+            ),
+        };
+    Ok(OpenedBackends {
+        backends: Backends {
+            hot,
+            contacts,
+            history,
+            fanout,
+            hub,
+        },
+        history_buffer,
+        fanout_gaps,
     })
 }
+
+/// How long after the grace period a draining node waits for clients to
+/// close their last streams.
+const DRAIN_STRAGGLERS: Duration = Duration::from_secs(3);
 
 /// Serves one node on `listener` until `shutdown` resolves, then drains:
 /// streams are told to go away, sessions linger through the grace period so
@@ -83,8 +144,12 @@ pub async fn run(
         config.jwt_secret()?,
         config.limits.max_id_bytes,
     ));
-    let backends = backends(&config).await?;
-    let node = Node::new(config.clone(), node_id.clone(), backends);
+    let opened = open_backends(&config).await?;
+    let node = Node::new(config.clone(), node_id.clone(), opened.backends);
+    node.join().await?;
+    if let Some(gaps) = opened.fanout_gaps {
+        tokio::spawn(node.clone().refill_watchers_after_gaps(gaps));
+    }
     let api = Api::new(node.clone(), auth);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -113,8 +178,8 @@ pub async fn run(
     tracing::info!(
         listen = %listener.local_addr()?,
         node_id,
-        hot_store = "embedded",
-        history = "embedded",
+        hot_store = if config.redis_cluster.is_empty() { "embedded" } else { "redis-cluster" },
+        durable_store = if config.scylla.is_empty() { "embedded" } else { "scylla" },
         staleness_bound_ms = config.staleness_bound().as_millis() as u64,
         "presence server ready"
     );
@@ -127,7 +192,7 @@ pub async fn run(
         draining_node.start_draining();
     };
 
-    Server::builder()
+    let serving = Server::builder()
         .accept_http1(true)
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
@@ -143,8 +208,17 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(presence)
         .add_service(contacts)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain);
+    // Streams we do not own (health watches, reflection) never end by
+    // themselves: past the deadline the remaining connections are dropped.
+    let drained = node.drained();
+    let deadline = config.grace + DRAIN_STRAGGLERS;
+    tokio::select! {
+        served = serving => served?,
+        _ = async { drained.await; tokio::time::sleep(deadline).await } => {
+            tracing::warn!(?deadline, "connections still open after the drain deadline, closing them");
+        }
+    }
 
     // Sessions linger through the grace period; a client that reconnected
     // elsewhere took its session over, the others end now.
@@ -153,6 +227,12 @@ pub async fn run(
     stop_maintenance.send_replace(true);
     maintenance.await?;
     node.leave().await;
+    // Changes made while draining may still be buffered for the durable store.
+    if let Some(buffer) = opened.history_buffer
+        && let Err(unflushed) = buffer.flush(Duration::from_secs(10)).await
+    {
+        tracing::error!(%unflushed, "history left unflushed at exit");
+    }
     tracing::info!(sessions_left = node.session_count(), "drained");
     Ok(())
 }

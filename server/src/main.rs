@@ -25,6 +25,9 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Migrate) = &cli.command {
+        return migrate(&cli.config).await;
+    }
     if let Err(error) = cli.config.validate() {
         eprintln!("presence-server: {error}");
         return ExitCode::from(2);
@@ -64,5 +67,22 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+async fn migrate(config: &presence_server::config::Config) -> ExitCode {
+    if config.scylla.is_empty() {
+        eprintln!("presence-server migrate: --scylla is required");
+        return ExitCode::from(2);
+    }
+    match presence_server::store::scylla::migrate_with(&config.scylla_config()).await {
+        Ok(()) => {
+            println!("schema up to date");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("presence-server migrate: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

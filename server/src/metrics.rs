@@ -41,6 +41,10 @@ pub fn describe() {
     );
     describe_histogram!(SNAPSHOT_SIZE, "users in a WatchContacts snapshot");
     describe_counter!(BACKEND_ERRORS, "failed backend calls, by backend");
+    describe_counter!(
+        crate::store::buffered::REFUSED_METRIC,
+        "history records refused because the history buffer was full"
+    );
     describe_gauge!(
         HISTORY_BUFFERED,
         Unit::Count,

@@ -48,6 +48,10 @@ pub struct BeatChange {
     pub status: Option<(ChosenStatus, String)>,
 }
 
+/// Sessions of a lost node ended per batch, and at once.
+const RECLAIM_BATCH: usize = 256;
+const RECLAIM_CONCURRENCY: usize = 32;
+
 pub struct Node {
     pub config: Config,
     pub node_id: String,
@@ -535,6 +539,9 @@ impl Node {
         }
     }
 
+    /// Ends the sessions a lost node held, in batches, stopping if the node
+    /// turns out to be alive after all (slow, not dead: it renewed its lease
+    /// and re-asserts its sessions).
     async fn reclaim_node(&self, node_id: &str) -> Result<(), ApiError> {
         let users = self.backends.hot.users_of_node(node_id).await?;
         tracing::warn!(
@@ -542,18 +549,85 @@ impl Node {
             users = users.len(),
             "node lost, ending its sessions"
         );
-        for user_id in users {
-            metrics::session_ended(OfflineReason::NodeLost);
-            self.mutate(
-                &user_id,
-                Mutation::EndNode {
-                    node_id: node_id.to_owned(),
-                },
-            )
-            .await?;
+        for batch in users.chunks(RECLAIM_BATCH) {
+            if !self
+                .backends
+                .hot
+                .lost_nodes()
+                .await?
+                .iter()
+                .any(|id| id == node_id)
+            {
+                tracing::info!(node_id, "node is back, reclaim stopped");
+                return Ok(());
+            }
+            self.end_node_sessions(node_id, batch).await?;
         }
         self.backends.hot.forget_node(node_id).await?;
         Ok(())
+    }
+
+    async fn end_node_sessions(&self, node_id: &str, users: &[String]) -> Result<(), ApiError> {
+        for group in users.chunks(RECLAIM_CONCURRENCY) {
+            futures::future::try_join_all(
+                group
+                    .iter()
+                    .map(|user_id| self.end_node_session(node_id, user_id)),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn end_node_session(&self, node_id: &str, user_id: &str) -> Result<(), ApiError> {
+        metrics::session_ended(OfflineReason::NodeLost);
+        let mutation = Mutation::EndNode {
+            node_id: node_id.to_owned(),
+        };
+        self.mutate(user_id, mutation).await.map(drop)
+    }
+
+    /// Joins the shared hot store before serving: sessions left under this
+    /// node's id by an earlier process (a restart with a fixed `--node-id`)
+    /// are ended as lost, and the node lease is taken.
+    pub async fn join(&self) -> Result<(), ApiError> {
+        let stale = self.backends.hot.users_of_node(&self.node_id).await?;
+        if !stale.is_empty() {
+            tracing::warn!(
+                users = stale.len(),
+                "ending sessions an earlier process of this node left behind"
+            );
+            self.end_node_sessions(&self.node_id, &stale).await?;
+            self.backends.hot.forget_node(&self.node_id).await?;
+        }
+        self.backends
+            .hot
+            .renew_node(&self.node_id, self.config.node_lease)
+            .await?;
+        Ok(())
+    }
+
+    /// Cross-node fan-out lost events: every watched user's current state is
+    /// delivered again (watch streams drop what they already sent).
+    pub async fn refill_watchers_after_gaps(self: Arc<Self>, mut gaps: watch::Receiver<u64>) {
+        while gaps.changed().await.is_ok() {
+            let users = self.backends.hub.watched_users();
+            tracing::info!(users = users.len(), "fan-out had a gap, refilling watchers");
+            for chunk in users.chunks(self.config.limits.max_batch.max(1)) {
+                match self.backends.hot.get(chunk).await {
+                    Ok(records) => {
+                        for (user_id, record) in chunk.iter().zip(records) {
+                            let Some(record) = record else { continue };
+                            self.backends.hub.deliver(&BusEvent::Presence {
+                                user_id: user_id.clone(),
+                                record,
+                            });
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "refilling watchers failed"),
+                }
+            }
+        }
     }
 
     /// Leaves the shared hot store for good: the node's sessions have ended.

@@ -8,19 +8,22 @@
 //! A case is written once, as an async function over `Backends`, and listed in
 //! `suite!`, which instantiates it per backend set.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use presence_server::domain::{
     Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
-    VisibleStatus,
+    UserRecord, Viewer, VisibleStatus,
 };
-use presence_server::hub::{Hub, Pending};
+use presence_server::hub::{Hub, Pending, Watcher};
 use presence_server::node::Backends;
+use presence_server::store::buffered::{BufferConfig, BufferedHistory};
 use presence_server::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
-use presence_server::store::{BusEvent, StoreError};
+use presence_server::store::redis::{RedisBackends, keys};
+use presence_server::store::{BusEvent, FanOut, HotStore, StoreError, StoreResult};
 
 const LIMITS: Limits = Limits {
     max_sessions_per_user: 4,
@@ -52,6 +55,64 @@ fn embedded() -> Backends {
         fanout: Arc::new(EmbeddedFanOut::new(hub.clone())),
         hub,
     }
+}
+
+/// The embedded backends with the history behind a [`BufferedHistory`]: the
+/// buffer must keep the history contract (reads see buffered records).
+fn embedded_buffered() -> Backends {
+    let backends = embedded();
+    Backends {
+        history: BufferedHistory::start(backends.history.clone(), BufferConfig::default()),
+        ..backends
+    }
+}
+
+/// Keyspace of the Scylla instances; cases use unique ids, so it is shared.
+const SCYLLA_TEST_KEYSPACE: &str = "presence_test";
+
+/// The CQL contact points of `PRESENCE_TEST_SCYLLA_NODES`. Unset: a note and
+/// `None` (the case passes without running), unless
+/// `PRESENCE_REQUIRE_BACKENDS=1`, which makes it a failure.
+fn scylla_nodes() -> Option<Vec<String>> {
+    let nodes: Vec<String> = std::env::var("PRESENCE_TEST_SCYLLA_NODES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !nodes.is_empty() {
+        return Some(nodes);
+    }
+    assert!(
+        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+        "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_SCYLLA_NODES is unset"
+    );
+    eprintln!("note: PRESENCE_TEST_SCYLLA_NODES is unset; skipping the Scylla case");
+    None
+}
+
+/// Contacts and history on a real CQL server (`PRESENCE_TEST_SCYLLA_NODES`);
+/// the hot store and fan-out stay embedded. `buffered` puts the history
+/// behind a [`BufferedHistory`], as a node runs it.
+async fn scylla(buffered: bool) -> Option<Backends> {
+    let nodes = scylla_nodes()?;
+    let durable = presence_server::store::scylla::connect(
+        &nodes,
+        SCYLLA_TEST_KEYSPACE,
+        Duration::from_secs(24 * 3600),
+    )
+    .await
+    .expect("connecting to PRESENCE_TEST_SCYLLA_NODES");
+    let history = match buffered {
+        true => BufferedHistory::start(durable.history, BufferConfig::default()),
+        false => durable.history,
+    };
+    Some(Backends {
+        contacts: durable.contacts,
+        history,
+        ..embedded()
+    })
 }
 
 async fn open_makes_user_visible(b: Backends) {
@@ -315,6 +376,28 @@ async fn fanout_delivers_to_watchers_in_order(b: Backends) {
     assert_eq!(batch.len(), 1, "coalesced per user");
 }
 
+async fn latest_record_is_the_durable_presence(b: Backends) {
+    let user = unique("ivan");
+    let now = presence_server::node::now_ms();
+    let version = |at_ms: i64| at_ms as u64 * 1000;
+    let newest = HistoryRecord {
+        status: VisibleStatus::Offline,
+        offline_reason: Some(OfflineReason::LeaseExpired),
+        ..history(&user, now + 2, version(now + 2))
+    };
+    b.history
+        .append(&[history(&user, now, version(now)), newest.clone()])
+        .await
+        .unwrap();
+    // An older change arriving late (a retry, another node) must not win.
+    b.history
+        .append(&[history(&user, now + 1, version(now + 1))])
+        .await
+        .unwrap();
+    let last = b.history.last(&[user, unique("nobody")]).await.unwrap();
+    assert_eq!(last, vec![Some(newest), None]);
+}
+
 macro_rules! suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -329,6 +412,7 @@ macro_rules! suite {
                 contacts_are_mutual_and_bounded,
                 history_pages_in_order_without_duplicates,
                 fanout_delivers_to_watchers_in_order,
+                latest_record_is_the_durable_presence,
             );
         }
     };
@@ -336,10 +420,742 @@ macro_rules! suite {
         $(
             #[tokio::test]
             async fn $case() {
-                super::$case($make).await;
+                // A maker returns Backends, or Option<Backends> where None
+                // means "not configured here" (the maker printed a note).
+                let Some(backends): Option<Backends> = $make.into() else {
+                    return;
+                };
+                super::$case(backends).await;
             }
         )*
     };
 }
 
 suite!(embedded_backends, embedded());
+suite!(embedded_buffered_history, embedded_buffered());
+suite!(scylla_backends, scylla(false).await);
+suite!(scylla_buffered_history, scylla(true).await);
+suite!(redis_cluster, redis_cluster().await);
+
+// ---------------------------------------------------------------- Redis Cluster
+//
+// The Redis instance of the suite, and the cases only a shared store has:
+// several nodes on one cluster, lost nodes, a store that lost its data
+// (FLUSHALL), a slot moving to another master (ASK, MOVED, `sunsubscribe`),
+// and, with `PRESENCE_TEST_REDIS_FAILOVER=1` since it kills a master of the
+// cluster under test, a master failover. Cases that wipe or reshape the
+// cluster take `REDIS_EXCLUSIVE` for writing; every other Redis case holds it
+// for reading, so they never overlap within this binary. They do disturb
+// anyone else using the same cluster meanwhile.
+
+/// The seed URLs of `PRESENCE_TEST_REDIS_CLUSTER`. Unset: a note and `None`
+/// (the case passes without running), unless `PRESENCE_REQUIRE_BACKENDS=1`,
+/// which makes it a failure.
+fn redis_urls() -> Option<Vec<String>> {
+    let urls: Vec<String> = std::env::var("PRESENCE_TEST_REDIS_CLUSTER")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !urls.is_empty() {
+        return Some(urls);
+    }
+    assert!(
+        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+        "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_REDIS_CLUSTER is unset"
+    );
+    eprintln!("note: PRESENCE_TEST_REDIS_CLUSTER is unset; skipping the Redis case");
+    None
+}
+
+static REDIS_EXCLUSIVE: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(Arc::default);
+
+/// One node's Redis backends, with their own hub.
+async fn redis_node(urls: &[String]) -> (RedisBackends, Arc<Hub>) {
+    let hub = Arc::new(Hub::default());
+    let backends =
+        presence_server::store::redis::connect(urls, hub.clone(), Duration::from_secs(24 * 3600))
+            .await
+            .expect("connecting to PRESENCE_TEST_REDIS_CLUSTER");
+    (backends, hub)
+}
+
+/// A fan-out that holds the shared side of `REDIS_EXCLUSIVE` for as long as
+/// the case's backends live.
+struct Shared {
+    fanout: Arc<dyn FanOut>,
+    _hold: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+#[async_trait::async_trait]
+impl FanOut for Shared {
+    async fn publish(&self, event: BusEvent) -> StoreResult<()> {
+        self.fanout.publish(event).await
+    }
+}
+
+/// Every backend on the Redis Cluster of `PRESENCE_TEST_REDIS_CLUSTER`.
+async fn redis_cluster() -> Option<Backends> {
+    let urls = redis_urls()?;
+    let hold = REDIS_EXCLUSIVE.clone().read_owned().await;
+    let (redis, hub) = redis_node(&urls).await;
+    Some(Backends {
+        hot: redis.hot,
+        contacts: redis.contacts,
+        history: redis.history,
+        fanout: Arc::new(Shared {
+            fanout: redis.fanout,
+            _hold: hold,
+        }),
+        hub,
+    })
+}
+
+fn presence_event(user: &str, version: u64) -> BusEvent {
+    let mut record = UserRecord::default();
+    record.shown.version = version;
+    BusEvent::Presence {
+        user_id: user.to_owned(),
+        record,
+    }
+}
+
+/// Waits until the watcher holds something for every one of `users`.
+async fn pending_for(watcher: &Watcher, users: &[String]) -> HashMap<String, Pending> {
+    let mut seen = HashMap::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !users.iter().all(|u| seen.contains_key(u)) {
+            seen.extend(watcher.next_batch().await);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let missing: Vec<_> = users.iter().filter(|u| !seen.contains_key(*u)).collect();
+        panic!("no event arrived for {missing:?}")
+    });
+    seen
+}
+
+#[tokio::test]
+async fn redis_change_on_one_node_reaches_watchers_on_another() {
+    let Some(urls) = redis_urls() else { return };
+    let _shared = REDIS_EXCLUSIVE.read().await;
+    let (a, _hub_a) = redis_node(&urls).await;
+    let (_b, hub_b) = redis_node(&urls).await;
+    // One user per bucket, so every channel (and so every master) is used.
+    let mut users = HashMap::new();
+    while users.len() < usize::from(keys::BUS_BUCKETS) {
+        let user = unique("remote");
+        users.entry(keys::bus_bucket(&user)).or_insert(user);
+    }
+    let users: Vec<String> = users.into_values().collect();
+    let watcher = hub_b.register("watcher", Viewer::Contact, false);
+    for user in &users {
+        hub_b.watch(&watcher, user);
+    }
+    for user in &users {
+        for version in 1..=3 {
+            a.fanout
+                .publish(presence_event(user, version))
+                .await
+                .unwrap();
+        }
+    }
+    let seen = pending_for(&watcher, &users).await;
+    for user in &users {
+        // Versions arrive in order, so the last one is what stays pending.
+        assert!(
+            matches!(&seen[user], Pending::Presence(r) if r.shown.version == 3),
+            "{user}: {:?}",
+            seen[user]
+        );
+    }
+
+    // Contacts changes go by owner.
+    let owner = unique("owner");
+    let added = unique("added");
+    let follower = hub_b.register(&owner, Viewer::Contact, true);
+    a.fanout
+        .publish(BusEvent::Contacts {
+            user_id: owner.clone(),
+            added: vec![added.clone()],
+            removed: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let seen = pending_for(&follower, std::slice::from_ref(&added)).await;
+    assert_eq!(seen[&added], Pending::Added);
+}
+
+#[tokio::test]
+async fn redis_unwatched_events_are_skipped_unread() {
+    let Some(urls) = redis_urls() else { return };
+    let _shared = REDIS_EXCLUSIVE.read().await;
+    let (a, _) = redis_node(&urls).await;
+    let (b, hub_b) = redis_node(&urls).await;
+    let watched = unique("watched");
+    let watcher = hub_b.register("watcher", Viewer::Contact, false);
+    hub_b.watch(&watcher, &watched);
+    let (_, skipped_before) = b.fanout.received();
+    a.fanout
+        .publish(presence_event(&unique("nobody-watches"), 1))
+        .await
+        .unwrap();
+    a.fanout.publish(presence_event(&watched, 1)).await.unwrap();
+    pending_for(&watcher, std::slice::from_ref(&watched)).await;
+    let (_, skipped_after) = b.fanout.received();
+    assert!(skipped_after > skipped_before);
+}
+
+async fn open_on(hot: &dyn HotStore, user: &str, node: &str) {
+    hot.apply(
+        user,
+        Mutation::Open {
+            session: session("phone", 1, node),
+            status: None,
+        },
+        presence_server::node::now_ms(),
+        LIMITS,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
+    let Some(urls) = redis_urls() else { return };
+    let _shared = REDIS_EXCLUSIVE.read().await;
+    let (dying, _) = redis_node(&urls).await;
+    let (reclaimer, _) = redis_node(&urls).await;
+    let (bystander, _) = redis_node(&urls).await;
+    let node = unique("dying-node");
+    assert!(
+        dying
+            .hot
+            .renew_node(&node, Duration::from_millis(300))
+            .await
+            .unwrap()
+    );
+    let mut users: Vec<String> = (0..20).map(|i| unique(&format!("u{i}"))).collect();
+    users.sort();
+    for user in &users {
+        open_on(dying.hot.as_ref(), user, &node).await;
+    }
+    // A user whose session moved to another node is no longer the node's.
+    let moved = users.pop().unwrap();
+    open_on(dying.hot.as_ref(), &moved, "elsewhere").await;
+    dying
+        .hot
+        .apply(
+            &moved,
+            Mutation::End {
+                device_id: "phone".into(),
+                conn_id: None,
+                reason: OfflineReason::Logout,
+            },
+            presence_server::node::now_ms(),
+            LIMITS,
+        )
+        .await
+        .unwrap();
+    assert!(!reclaimer.hot.lost_nodes().await.unwrap().contains(&node));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    assert!(reclaimer.hot.lost_nodes().await.unwrap().contains(&node));
+    // Claimed: another live node leaves it to the first one.
+    assert!(!bystander.hot.lost_nodes().await.unwrap().contains(&node));
+    assert_eq!(reclaimer.hot.users_of_node(&node).await.unwrap(), users);
+    for user in &users {
+        let (record, _) = reclaimer
+            .hot
+            .apply(
+                user,
+                Mutation::EndNode {
+                    node_id: node.clone(),
+                },
+                presence_server::node::now_ms(),
+                LIMITS,
+            )
+            .await
+            .unwrap();
+        assert_eq!(record.shown.offline_reason, Some(OfflineReason::NodeLost));
+    }
+    assert!(reclaimer.hot.users_of_node(&node).await.unwrap().is_empty());
+    reclaimer.hot.forget_node(&node).await.unwrap();
+    assert!(!reclaimer.hot.lost_nodes().await.unwrap().contains(&node));
+    assert!(!bystander.hot.lost_nodes().await.unwrap().contains(&node));
+}
+
+#[tokio::test]
+async fn redis_forgetting_a_node_with_sessions_leaves_them_to_reclaim() {
+    let Some(urls) = redis_urls() else { return };
+    let _shared = REDIS_EXCLUSIVE.read().await;
+    let (leaving, _) = redis_node(&urls).await;
+    let (other, _) = redis_node(&urls).await;
+    let node = unique("leaving-node");
+    let user = unique("still-online");
+    assert!(
+        leaving
+            .hot
+            .renew_node(&node, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    open_on(leaving.hot.as_ref(), &user, &node).await;
+    leaving.hot.forget_node(&node).await.unwrap();
+    assert!(other.hot.lost_nodes().await.unwrap().contains(&node));
+    assert_eq!(
+        other.hot.users_of_node(&node).await.unwrap(),
+        vec![user.clone()]
+    );
+    reclaim(other.hot.as_ref(), &node, &[user]).await;
+}
+
+/// Ends the node's sessions of `users` and forgets the node, as a reclaiming
+/// node does, so that cases leave no lost node behind.
+async fn reclaim(hot: &dyn HotStore, node: &str, users: &[String]) {
+    for user in users {
+        let end = Mutation::EndNode {
+            node_id: node.to_owned(),
+        };
+        hot.apply(user, end, presence_server::node::now_ms(), LIMITS)
+            .await
+            .unwrap();
+    }
+    hot.forget_node(node).await.unwrap();
+    assert!(!hot.lost_nodes().await.unwrap().contains(&node.to_owned()));
+}
+
+#[tokio::test]
+async fn redis_renew_reports_a_lease_that_ran_out() {
+    let Some(urls) = redis_urls() else { return };
+    let _shared = REDIS_EXCLUSIVE.read().await;
+    let (redis, _) = redis_node(&urls).await;
+    let node = unique("slow-node");
+    assert!(
+        redis
+            .hot
+            .renew_node(&node, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    assert!(
+        redis
+            .hot
+            .renew_node(&node, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !redis
+            .hot
+            .renew_node(&node, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        redis
+            .hot
+            .renew_node(&node, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    redis.hot.forget_node(&node).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_renew_reports_a_store_that_lost_its_data() {
+    let Some(urls) = redis_urls() else { return };
+    let _exclusive = REDIS_EXCLUSIVE.write().await;
+    let (redis, _) = redis_node(&urls).await;
+    let node = unique("node");
+    let user = unique("user");
+    // A fresh store knows no node: the first renew is not a loss.
+    assert!(
+        redis
+            .hot
+            .renew_node(&node, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    open_on(redis.hot.as_ref(), &user, &node).await;
+    flushall(&urls).await;
+    assert!(
+        !redis
+            .hot
+            .renew_node(&node, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    assert!(
+        redis
+            .hot
+            .renew_node(&node, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+    // What a node does next: re-assert its sessions. The index comes back
+    // with them, so the node's users can be reclaimed again.
+    redis
+        .hot
+        .apply(
+            &user,
+            Mutation::Update {
+                session: session("phone", 1, &node),
+                activity: None,
+                status: None,
+            },
+            presence_server::node::now_ms(),
+            LIMITS,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        redis.hot.users_of_node(&node).await.unwrap(),
+        vec![user.clone()]
+    );
+    reclaim(redis.hot.as_ref(), &node, &[user]).await;
+}
+
+async fn flushall(urls: &[String]) {
+    let client = redis::cluster::ClusterClient::new(urls.to_vec()).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    // Routed to every master by the cluster client.
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// A plain connection to one cluster node.
+async fn node_conn(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|port| port.trim_end_matches('/').parse().ok())
+        .expect("seed urls look like redis://host:port")
+}
+
+/// The port of the master serving `slot`, and the ports of the other masters.
+async fn masters_for(urls: &[String], slot: u16) -> (u16, Vec<u16>) {
+    let mut conn = node_conn(port_of(&urls[0])).await;
+    let ranges: Vec<(i64, i64, (String, i64))> = {
+        let value: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let redis::Value::Array(ranges) = value else {
+            panic!("CLUSTER SLOTS answered {value:?}")
+        };
+        ranges
+            .into_iter()
+            .map(|range| {
+                let redis::Value::Array(mut fields) = range else {
+                    panic!("unexpected CLUSTER SLOTS entry")
+                };
+                fields.truncate(3);
+                let master: Vec<redis::Value> =
+                    redis::from_redis_value(fields.pop().unwrap()).unwrap();
+                let host: String = redis::from_redis_value(master[0].clone()).unwrap();
+                let port: i64 = redis::from_redis_value(master[1].clone()).unwrap();
+                let end: i64 = redis::from_redis_value(fields.pop().unwrap()).unwrap();
+                let start: i64 = redis::from_redis_value(fields.pop().unwrap()).unwrap();
+                (start, end, (host, port))
+            })
+            .collect()
+    };
+    let mut masters: Vec<u16> = ranges
+        .iter()
+        .map(|(_, _, (_, port))| *port as u16)
+        .collect();
+    masters.sort_unstable();
+    masters.dedup();
+    let owner = ranges
+        .iter()
+        .find(|(start, end, _)| (*start..=*end).contains(&i64::from(slot)))
+        .map(|(_, _, (_, port))| *port as u16)
+        .expect("every slot is served");
+    masters.retain(|port| *port != owner);
+    (owner, masters)
+}
+
+/// Runs `e2e/scripts/redis-cluster.sh` on the cluster under test.
+async fn cluster_script(urls: &[String], args: &[&str]) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../e2e/scripts/redis-cluster.sh"
+    );
+    let base = urls.iter().map(|url| port_of(url)).min().unwrap();
+    let mut command = tokio::process::Command::new(script);
+    command.args(args);
+    if std::env::var_os("REDIS_CLUSTER_BASE_PORT").is_none() {
+        command.env("REDIS_CLUSTER_BASE_PORT", base.to_string());
+    }
+    let status = command.status().await.expect("running redis-cluster.sh");
+    assert!(status.success(), "redis-cluster.sh {args:?} failed");
+}
+
+/// One fresh user per fan-out bucket: between them they live on every master.
+fn user_per_bucket() -> Vec<String> {
+    let mut users = HashMap::new();
+    while users.len() < usize::from(keys::BUS_BUCKETS) {
+        let user = unique("everywhere");
+        users.entry(keys::bus_bucket(&user)).or_insert(user);
+    }
+    users.into_values().collect()
+}
+
+async fn set_busy(hot: &dyn HotStore, user: &str) -> StoreResult<()> {
+    hot.apply(
+        user,
+        Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: format!("{}", rand::random::<u32>()),
+        },
+        presence_server::node::now_ms(),
+        LIMITS,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Kills the master serving the node registry (and a third of the users and
+/// fan-out channels), then checks that changes, node leases and cross-node
+/// fan-out all work again once a replica took over, with no restart of the
+/// clients. Disturbs the cluster, so only with `PRESENCE_TEST_REDIS_FAILOVER=1`;
+/// the killed node is started again (as a replica) at the end.
+#[tokio::test]
+async fn redis_store_and_fanout_survive_a_master_failover() {
+    let Some(urls) = redis_urls() else { return };
+    if std::env::var("PRESENCE_TEST_REDIS_FAILOVER").as_deref() != Ok("1") {
+        eprintln!("note: PRESENCE_TEST_REDIS_FAILOVER is not 1; skipping the failover case");
+        return;
+    }
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let _exclusive = REDIS_EXCLUSIVE.write().await;
+    // Every master must have a replica to fail over to.
+    cluster_script(&urls, &["start"]).await;
+    let (a, _) = redis_node(&urls).await;
+    let (b, hub_b) = redis_node(&urls).await;
+    let node = unique("node");
+    assert!(
+        a.hot
+            .renew_node(&node, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let users = user_per_bucket();
+    for user in &users {
+        set_busy(a.hot.as_ref(), user).await.unwrap();
+    }
+    let mut gaps = b.fanout.gaps();
+    gaps.mark_unchanged();
+    let (victim, _) = masters_for(&urls, keys::slot_of(keys::node_registry().as_bytes())).await;
+
+    cluster_script(&urls, &["kill-master", &victim.to_string()]).await;
+    let _restart = RestartOnDrop(victim, urls.clone());
+    let killed = std::time::Instant::now();
+    // The same clients keep changing users on every master until a whole
+    // round succeeds.
+    let mut failed_calls = 0;
+    loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no recovery within 60 s"
+        );
+        let mut failed = 0;
+        for user in &users {
+            if set_busy(a.hot.as_ref(), user).await.is_err() {
+                failed += 1;
+            }
+        }
+        failed_calls += failed;
+        if failed == 0 {
+            break;
+        }
+    }
+    eprintln!(
+        "failover: every change succeeds again {:?} after the kill ({failed_calls} calls failed meanwhile)",
+        killed.elapsed()
+    );
+    cluster_script(&urls, &["wait", "30"]).await;
+    a.hot
+        .renew_node(&node, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(a.hot.lost_nodes().await.is_ok());
+
+    // B noticed the loss of its subscriptions and restored them.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        gaps.changed().await.unwrap();
+        while !b.fanout.fully_subscribed() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("subscriptions restored within 30 s");
+    let watcher = hub_b.register("watcher", Viewer::Contact, false);
+    let (received_before, _) = b.fanout.received();
+    for user in &users {
+        hub_b.watch(&watcher, user);
+        a.fanout.publish(presence_event(user, 7)).await.unwrap();
+    }
+    pending_for(&watcher, &users).await;
+    // Exactly once: no channel is subscribed twice after the failover.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (received_after, _) = b.fanout.received();
+    assert_eq!(received_after - received_before, users.len() as u64);
+    a.hot.forget_node(&node).await.unwrap();
+}
+
+/// Starts a killed node again however the case ends, so that a failing case
+/// does not leave the cluster without a replica for the next one.
+struct RestartOnDrop(u16, Vec<String>);
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../e2e/scripts/redis-cluster.sh"
+        );
+        let base = self.1.iter().map(|url| port_of(url)).min().unwrap_or(7000);
+        let mut command = std::process::Command::new(script);
+        command.args(["restart-node", &self.0.to_string()]);
+        if std::env::var_os("REDIS_CLUSTER_BASE_PORT").is_none() {
+            command.env("REDIS_CLUSTER_BASE_PORT", base.to_string());
+        }
+        if !command.status().is_ok_and(|status| status.success()) {
+            eprintln!("could not restart redis node {}", self.0);
+        }
+    }
+}
+
+/// Moves one slot to another master and back, the way resharding does, while
+/// a user of that slot changes: the clients follow ASK during the migration
+/// and MOVED after it, and the fan-out channel of that slot, which Redis
+/// unsubscribes when its slot leaves, is subscribed again on the new owner.
+#[tokio::test]
+async fn redis_follows_a_slot_to_another_master() {
+    let Some(urls) = redis_urls() else { return };
+    let _exclusive = REDIS_EXCLUSIVE.write().await;
+    let (a, _) = redis_node(&urls).await;
+    let (b, hub_b) = redis_node(&urls).await;
+    // Slot 0 holds the channel of bucket 0; find a user in that very slot.
+    let user = std::iter::repeat_with(|| unique("mover"))
+        .find(|user| keys::user_slot(user) == 0)
+        .unwrap();
+    let node = unique("node");
+    open_on(a.hot.as_ref(), &user, &node).await;
+    let watcher = hub_b.register("watcher", Viewer::Contact, false);
+    hub_b.watch(&watcher, &user);
+
+    let (source, others) = masters_for(&urls, 0).await;
+    let target = others[0];
+    for (from, to) in [(source, target), (target, source)] {
+        let mut gaps = b.fanout.gaps();
+        gaps.mark_unchanged();
+        migrate_slot(0, from, to, || async {
+            // Mid-migration: the keys are on `to` already, the slot still
+            // belongs to `from`, which answers ASK.
+            set_busy(a.hot.as_ref(), &user).await.unwrap();
+        })
+        .await;
+        // The slot map of the clients is stale now: MOVED.
+        set_busy(a.hot.as_ref(), &user).await.unwrap();
+        assert_eq!(
+            a.hot.users_of_node(&node).await.unwrap(),
+            vec![user.clone()]
+        );
+        tokio::time::timeout(Duration::from_secs(10), gaps.changed())
+            .await
+            .expect("bucket 0 subscribed again on its new master")
+            .unwrap();
+        let version = rand::random::<u32>().into();
+        a.fanout
+            .publish(presence_event(&user, version))
+            .await
+            .unwrap();
+        let seen = pending_for(&watcher, std::slice::from_ref(&user)).await;
+        assert!(matches!(&seen[&user], Pending::Presence(r) if r.shown.version == version));
+    }
+    reclaim(a.hot.as_ref(), &node, &[user]).await;
+}
+
+/// Migrates `slot` from the master on port `from` to the one on `to`, running
+/// `during` once its keys moved but before the slot changes hands.
+async fn migrate_slot<F: std::future::Future<Output = ()>>(
+    slot: u16,
+    from: u16,
+    to: u16,
+    during: impl FnOnce() -> F,
+) {
+    let mut source = node_conn(from).await;
+    let mut target = node_conn(to).await;
+    let source_id: String = redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut source)
+        .await
+        .unwrap();
+    let target_id: String = redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(&mut target)
+        .await
+        .unwrap();
+    let setslot = |state: &str, id: &str| {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        cmd
+    };
+    setslot("IMPORTING", &source_id)
+        .query_async::<()>(&mut target)
+        .await
+        .unwrap();
+    setslot("MIGRATING", &target_id)
+        .query_async::<()>(&mut source)
+        .await
+        .unwrap();
+    loop {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(1000)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query_async::<()>(&mut source)
+            .await
+            .unwrap();
+    }
+    during().await;
+    setslot("NODE", &target_id)
+        .query_async::<()>(&mut target)
+        .await
+        .unwrap();
+    setslot("NODE", &target_id)
+        .query_async::<()>(&mut source)
+        .await
+        .unwrap();
+}

@@ -83,6 +83,10 @@ impl TestServer {
         }
     }
 
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
+
     pub async fn presence(&self) -> PresenceServiceClient<Channel> {
         PresenceServiceClient::connect(self.url()).await.unwrap()
     }

@@ -2,7 +2,10 @@
 //! keeps. The embedded implementations (in-process, single node) are the
 //! default; production ones implement the same traits and pass the same suite.
 
+pub mod buffered;
 pub mod embedded;
+pub mod redis;
+pub mod scylla;
 
 use std::time::Duration;
 
