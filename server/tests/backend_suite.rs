@@ -168,7 +168,7 @@ async fn refused_change_leaves_state_untouched(b: Backends) {
         };
         b.hot.apply(&user, open, 5_000, LIMITS).await.unwrap();
     }
-    let before = b.hot.get(&[user.clone()]).await.unwrap();
+    let before = b.hot.get(std::slice::from_ref(&user)).await.unwrap();
     let fifth = Mutation::Open {
         session: session("d4", 9, "n1"),
         status: None,
@@ -285,7 +285,7 @@ async fn contacts_are_mutual_and_bounded(b: Backends) {
             .unwrap(),
         2
     );
-    assert_eq!(b.contacts.add(&a, &[c1.clone()], 3).await.unwrap(), 0);
+    assert_eq!(b.contacts.add(&a, std::slice::from_ref(&c1), 3).await.unwrap(), 0);
     let mut expected = vec![c1.clone(), c2.clone()];
     expected.sort();
     assert_eq!(b.contacts.list(&a).await.unwrap(), expected);
