@@ -50,6 +50,20 @@ impl Api {
         ))
     }
 
+    /// Contacts change only through internal services, one user and a
+    /// bounded batch of valid ids at a time.
+    fn check_contacts_change(
+        &self,
+        caller: &Caller,
+        user_id: &str,
+        contact_ids: &[String],
+    ) -> Result<(), ApiError> {
+        self.check_admin(caller)?;
+        let limits = &self.node.config.limits;
+        convert::id(user_id, "user_id", limits)?;
+        convert::id_batch(contact_ids, "contact_ids", limits.max_batch, limits)
+    }
+
     fn check_admin(&self, caller: &Caller) -> Result<(), ApiError> {
         if caller.admin {
             return Ok(());
@@ -374,16 +388,8 @@ impl ContactsService for Api {
         request: Request<pb::AddContactsRequest>,
     ) -> Result<Response<pb::AddContactsResponse>, Status> {
         let caller = self.caller(&request)?;
-        self.check_admin(&caller)?;
         let request = request.into_inner();
-        let limits = &self.node.config.limits;
-        convert::id(&request.user_id, "user_id", limits)?;
-        convert::id_batch(
-            &request.contact_ids,
-            "contact_ids",
-            limits.max_batch,
-            limits,
-        )?;
+        self.check_contacts_change(&caller, &request.user_id, &request.contact_ids)?;
         let added = self
             .node
             .add_contacts(&request.user_id, &request.contact_ids)
@@ -396,16 +402,8 @@ impl ContactsService for Api {
         request: Request<pb::RemoveContactsRequest>,
     ) -> Result<Response<pb::RemoveContactsResponse>, Status> {
         let caller = self.caller(&request)?;
-        self.check_admin(&caller)?;
         let request = request.into_inner();
-        let limits = &self.node.config.limits;
-        convert::id(&request.user_id, "user_id", limits)?;
-        convert::id_batch(
-            &request.contact_ids,
-            "contact_ids",
-            limits.max_batch,
-            limits,
-        )?;
+        self.check_contacts_change(&caller, &request.user_id, &request.contact_ids)?;
         let removed = self
             .node
             .remove_contacts(&request.user_id, &request.contact_ids)
