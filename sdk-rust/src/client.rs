@@ -223,6 +223,18 @@ impl PresenceClient {
         custom_message: impl Into<String>,
     ) -> Result<Option<Presence>, Error> {
         let custom_message = custom_message.into();
+        // Remembered for re-opens before the call, not after: a session that
+        // re-opens while the call is in flight must carry this status, or it
+        // would re-apply the older one over an acknowledged change.
+        let previous = self.session().as_ref().map(|handle| {
+            let mut previous = None;
+            handle.desired.send_if_modified(|desired| {
+                previous = Some((desired.status, std::mem::replace(&mut desired.custom_message, custom_message.clone())));
+                desired.status = status;
+                false
+            });
+            previous
+        });
         let lease = self.lease();
         let request = SetStatusRequest {
             status: status as i32,
@@ -236,16 +248,20 @@ impl PresenceClient {
             .await
         {
             Ok(response) => response.into_inner(),
-            Err(status) => return Err(self.unary_failed(&lease, status)),
+            Err(error) => {
+                // Put the older choice back, unless a later call replaced ours.
+                if let (Some(handle), Some(Some((old_status, old_message)))) = (self.session().as_ref(), previous) {
+                    handle.desired.send_if_modified(|desired| {
+                        if desired.status == status && desired.custom_message == custom_message {
+                            desired.status = old_status;
+                            desired.custom_message = old_message;
+                        }
+                        false
+                    });
+                }
+                return Err(self.unary_failed(&lease, error));
+            }
         };
-        if let Some(handle) = self.session().as_ref() {
-            // Remembered for re-opens only: no beat needed, so no notification.
-            handle.desired.send_if_modified(|desired| {
-                desired.status = status;
-                desired.custom_message = custom_message;
-                false
-            });
-        }
         Ok(response.presence)
     }
 

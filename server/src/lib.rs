@@ -10,6 +10,8 @@
 //! - [`hub`]: this node's index of watchers, fed by the fan-out.
 //! - [`leases`]: this node's session leases, renewed in memory.
 //! - [`node`]: the presence operations on top of the backends.
+//! - [`degraded`]: how a node keeps taking changes while the hot store is
+//!   unreachable, and replays them into it when it is back.
 //! - [`watch`]: one WatchContacts stream.
 //! - [`api`]: the gRPC services; the only layer that knows protobuf.
 //! - [`auth`], [`config`], [`telemetry`]: tokens, options, logs.
@@ -19,6 +21,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod degraded;
 pub mod domain;
 pub mod hub;
 pub mod leases;
@@ -49,6 +52,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::node::{Backends, Node};
 use crate::store::buffered::{BufferConfig, BufferedHistory};
+use crate::store::cached::CachedContacts;
 use crate::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
@@ -67,7 +71,8 @@ pub struct OpenedBackends {
 
 /// Opens the backends: Redis Cluster for hot state and fan-out when
 /// configured, ScyllaDB for contacts and history when configured (else Redis
-/// when configured, else embedded), and the embedded ones otherwise.
+/// when configured, else embedded), and the embedded ones otherwise. With
+/// both, contacts are durable in ScyllaDB and cached in Redis.
 pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
     let hub = Arc::new(Hub::default());
     let redis = if config.redis_cluster.is_empty() {
@@ -101,7 +106,17 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
                         ..BufferConfig::default()
                     },
                 );
-                (durable.contacts, buffer.clone(), Some(buffer))
+                let contacts: Arc<dyn ContactStore> = match &redis {
+                    // Contacts are read on every watch and presence query:
+                    // from Redis, with ScyllaDB behind it when Redis misses
+                    // or is down.
+                    Some(_) => Arc::new(CachedContacts::new(
+                        durable.contacts,
+                        &config.redis_cluster,
+                    )?),
+                    None => durable.contacts,
+                };
+                (contacts, buffer.clone(), Some(buffer))
             }
             (Some(redis), true) => (redis.contacts.clone(), redis.history.clone(), None),
             (None, true) => (

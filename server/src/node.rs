@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use crate::api::error::ApiError;
 use crate::auth::Caller;
 use crate::config::Config;
+use crate::degraded::{self, Degraded, Popped};
 use crate::domain::{
     Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
-    UserRecord, View, Viewer,
+    Shown, UserRecord, View, Viewer,
 };
 use crate::hub::Hub;
 use crate::leases::{Leases, SessionKey};
@@ -61,6 +62,12 @@ pub struct Node {
     draining: watch::Sender<bool>,
     /// Open WatchContacts streams per user, to enforce the per-user limit.
     watch_counts: Mutex<HashMap<String, usize>>,
+    /// Since when this node's own lease has been held in the hot store
+    /// without a gap or a failed renewal; `None` while in doubt.
+    lease_held_since: Mutex<Option<Instant>>,
+    /// Changes taken while the hot store was unreachable, waiting to be
+    /// replayed into it (see [`crate::degraded`]).
+    degraded: Degraded,
 }
 
 /// Resolves once the flag is raised (or its sender is gone).
@@ -87,6 +94,8 @@ impl Node {
             next_conn_id: AtomicU64::new(rand::random::<u64>() >> 1),
             draining: watch::channel(false).0,
             watch_counts: Mutex::default(),
+            lease_held_since: Mutex::default(),
+            degraded: Degraded::default(),
         })
     }
 
@@ -97,19 +106,33 @@ impl Node {
     }
 
     /// Applies a mutation; when what contacts see changes, records it in the
-    /// history and fans it out.
+    /// history and fans it out. While the hot store is unreachable, and for a
+    /// user whose changes from then are not replayed yet, the change goes to
+    /// this node's own record of the user instead ([`crate::degraded`]).
     pub async fn mutate(&self, user_id: &str, mutation: Mutation) -> Result<UserRecord, ApiError> {
+        // Holding on to a user until their queue is replayed keeps their
+        // changes in order: the hot store must not see a new change before
+        // the older queued ones.
+        if self.degraded.hot_down() || self.degraded.holds(user_id) {
+            return self.mutate_degraded(user_id, mutation).await;
+        }
         let now = now_ms();
-        let (record, applied) = self
+        // Kept for the degraded path: the hot store takes the mutation by value.
+        let retry = mutation.clone();
+        let (record, applied) = match self
             .backends
             .hot
             .apply(user_id, mutation, now, self.limits())
             .await
-            .inspect_err(|error| {
-                if matches!(error, StoreError::Unavailable(_)) {
-                    metrics::backend_error("hot");
-                }
-            })?;
+        {
+            Ok(done) => done,
+            Err(StoreError::Unavailable(cause)) => {
+                metrics::backend_error("hot");
+                self.degraded.hot_failed(&cause);
+                return self.mutate_degraded(user_id, retry).await;
+            }
+            Err(error) => return Err(error.into()),
+        };
         if applied.shown_changed {
             metrics::change();
             self.publish_change(user_id, &record).await;
@@ -118,11 +141,7 @@ impl Node {
     }
 
     async fn publish_change(&self, user_id: &str, record: &UserRecord) {
-        let entry = HistoryRecord::of(user_id, &record.shown, record.shown.last_seen_ms);
-        if let Err(error) = self.backends.history.append(&[entry]).await {
-            metrics::backend_error("history");
-            tracing::error!(%error, user_id, "history append failed");
-        }
+        self.record_history(user_id, &record.shown).await;
         let event = BusEvent::Presence {
             user_id: user_id.to_owned(),
             record: record.clone(),
@@ -130,6 +149,235 @@ impl Node {
         if let Err(error) = self.backends.fanout.publish(event).await {
             metrics::backend_error("fanout");
             tracing::warn!(%error, user_id, "fan-out publish failed");
+        }
+    }
+
+    async fn record_history(&self, user_id: &str, shown: &Shown) {
+        let entry = HistoryRecord::of(user_id, shown, shown.last_seen_ms);
+        if let Err(error) = self.backends.history.append(&[entry]).await {
+            metrics::backend_error("history");
+            tracing::error!(%error, user_id, "history append failed");
+        }
+    }
+
+    /// A change while the hot store is unreachable (or while the user still
+    /// has changes queued for it): applied to this node's record of the
+    /// user, recorded in the history, delivered to this node's watchers
+    /// directly (the fan-out runs on the hot store), and queued for the hot
+    /// store.
+    async fn mutate_degraded(
+        &self,
+        user_id: &str,
+        mutation: Mutation,
+    ) -> Result<UserRecord, ApiError> {
+        if !self.degraded.holds(user_id) {
+            self.start_holding(user_id, degraded::ends_session(&mutation))
+                .await?;
+        }
+        let (record, applied) = self
+            .degraded
+            .apply(user_id, mutation, now_ms(), self.limits())?;
+        if applied.shown_changed {
+            metrics::change();
+            self.record_history(user_id, &record.shown).await;
+            self.backends.hub.deliver(&BusEvent::Presence {
+                user_id: user_id.to_owned(),
+                record: record.clone(),
+            });
+        }
+        Ok(record)
+    }
+
+    /// Rebuilds the user's record as this node can know it without the hot
+    /// store: the durable latest shown state and this node's own sessions of
+    /// the user. Fails when the durable store cannot answer either: guessing
+    /// the user's choice could show an invisible user online.
+    async fn start_holding(&self, user_id: &str, ending_own: bool) -> Result<(), ApiError> {
+        let last = self
+            .backends
+            .history
+            .last(&[user_id.to_owned()])
+            .await
+            .inspect_err(|_| metrics::backend_error("history"))?
+            .pop()
+            .flatten();
+        if self.degraded.needs_sessions() {
+            self.degraded.set_sessions(self.leases.sessions());
+        }
+        self.degraded.hold(user_id, last, ending_own);
+        Ok(())
+    }
+
+    /// Replays the changes queued while the hot store was unreachable, user
+    /// by user, each user's in order, for at most `budget` (the rest waits
+    /// for the next call: this runs in the maintenance loop). Stops if the
+    /// hot store fails again.
+    async fn replay_degraded(&self, budget: Duration) {
+        let users = self.degraded.users();
+        if users.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + budget;
+        let mut replayed = 0usize;
+        for user_id in &users {
+            if Instant::now() >= deadline || self.degraded.hot_down() {
+                break;
+            }
+            if let Err(cause) = self.replay_user(user_id).await {
+                metrics::backend_error("hot");
+                self.degraded.hot_failed(&cause);
+                break;
+            }
+            replayed += 1;
+        }
+        tracing::info!(
+            replayed,
+            left = users.len() - replayed,
+            queued = self.degraded.queued(),
+            "replayed changes queued while the hot store was unreachable"
+        );
+    }
+
+    /// Writes one user's queued changes into the hot store, then tells the
+    /// other nodes the converged state (they missed the changes: the fan-out
+    /// was down; watchers drop it if they hold it already) and records it in
+    /// the history if it moved and differs from what was recorded meanwhile
+    /// (the hot store merges the sessions other nodes hold, which this node
+    /// could not see).
+    async fn replay_user(&self, user_id: &str) -> Result<(), String> {
+        let limits = self.limits();
+        let unavailable = |error: StoreError| match error {
+            StoreError::Unavailable(cause) => Err(cause),
+            _ => Ok(()),
+        };
+        // A hot store that restarted empty forgot what the user had chosen
+        // before the outage: that goes first, as the queue builds on it.
+        let forgotten = match self.backends.hot.get(&[user_id.to_owned()]).await {
+            Ok(records) => records.first().is_none_or(Option::is_none),
+            Err(error) => return unavailable(error),
+        };
+        if forgotten
+            && let Some((chosen, custom_message)) = self.degraded.base_choice(user_id)
+            && (chosen, custom_message.as_str()) != (ChosenStatus::Online, "")
+        {
+            let restore = Mutation::SetStatus {
+                chosen,
+                custom_message,
+            };
+            if let Err(error) = self
+                .backends
+                .hot
+                .apply(user_id, restore, now_ms(), limits)
+                .await
+            {
+                unavailable(error)?;
+            }
+        }
+        let mut converged = None;
+        let mut moved = false;
+        let recorded = loop {
+            let Some(mutation) = self.degraded.front(user_id) else {
+                break Shown::default();
+            };
+            match self
+                .backends
+                .hot
+                .apply(user_id, mutation, now_ms(), limits)
+                .await
+            {
+                Ok((record, applied)) => {
+                    moved |= applied.shown_changed;
+                    converged = Some(record);
+                }
+                // A change refused now was taken during the outage against
+                // what this node knew (e.g. a session another node took over
+                // meanwhile): the hot store's state wins.
+                Err(error) => {
+                    unavailable(error)?;
+                    tracing::debug!(user_id, "a queued change no longer applies, skipped");
+                }
+            }
+            if let Popped::Done { recorded } = self.degraded.pop_front(user_id) {
+                break recorded;
+            }
+        };
+        let Some(record) = converged else {
+            return Ok(());
+        };
+        let shown = &record.shown;
+        let same = (shown.status, &shown.custom_message, shown.offline_reason)
+            == (
+                recorded.status,
+                &recorded.custom_message,
+                recorded.offline_reason,
+            );
+        if moved && !same {
+            self.record_history(user_id, shown).await;
+        }
+        let event = BusEvent::Presence {
+            user_id: user_id.to_owned(),
+            record,
+        };
+        if let Err(error) = self.backends.fanout.publish(event).await {
+            metrics::backend_error("fanout");
+            tracing::warn!(%error, user_id, "fan-out of a replayed change failed");
+        }
+        Ok(())
+    }
+
+    /// Before re-asserting this node's sessions into a hot store that lost
+    /// them: puts back what their users had chosen (busy, invisible, a
+    /// message), as the durable store last showed it, for users the hot store
+    /// does not know any more. Without it they would come back online with
+    /// the default choice. Users held by the degraded mode get theirs in the
+    /// replay.
+    async fn restore_forgotten_choices(&self) {
+        let mut users: Vec<String> = self
+            .leases
+            .sessions()
+            .into_iter()
+            .map(|(key, _)| key.user_id)
+            .filter(|user_id| !self.degraded.holds(user_id))
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        for chunk in users.chunks(self.config.limits.max_batch.max(1)) {
+            let forgotten: Vec<String> = match self.backends.hot.get(chunk).await {
+                Ok(records) => chunk
+                    .iter()
+                    .zip(records)
+                    .filter(|(_, record)| record.is_none())
+                    .map(|(user_id, _)| user_id.clone())
+                    .collect(),
+                Err(error) => {
+                    tracing::warn!(%error, "reading users to restore their choice failed");
+                    return;
+                }
+            };
+            if forgotten.is_empty() {
+                continue;
+            }
+            let lasts = match self.backends.history.last(&forgotten).await {
+                Ok(lasts) => lasts,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the durable choice of forgotten users failed");
+                    return;
+                }
+            };
+            for (user_id, last) in forgotten.iter().zip(lasts) {
+                let Some(last) = last else { continue };
+                let (chosen, custom_message) = degraded::infer_choice(&last);
+                if (chosen, custom_message.as_str()) == (ChosenStatus::Online, "") {
+                    continue;
+                }
+                let mutation = Mutation::SetStatus {
+                    chosen,
+                    custom_message,
+                };
+                if let Err(error) = self.mutate(user_id, mutation).await {
+                    tracing::warn!(?error, user_id, "restoring a forgotten choice failed");
+                }
+            }
         }
     }
 
@@ -194,29 +442,37 @@ impl Node {
         change: BeatChange,
     ) -> Result<(), ApiError> {
         let renewed = self.leases.renew(key, session.conn_id, self.config.lease);
-        if renewed && change.activity.is_none() && change.status.is_none() {
+        // Clients may repeat their activity on every beat (the SDK does):
+        // only a different one is a change, so plain beats never reach a
+        // backend.
+        let activity = change.activity.filter(|a| *a != session.activity);
+        if renewed && activity.is_none() && change.status.is_none() {
             return Ok(());
         }
-        if let Some(activity) = change.activity {
-            session.activity = activity;
+        let mut changed = session.clone();
+        if let Some(activity) = activity {
+            changed.activity = activity;
         }
         if renewed {
-            self.leases.update_session(key, session);
+            self.leases.update_session(key, &changed);
         } else {
             // The lease ran out (the client went quiet for too long) but the
             // stream is alive: the session comes back.
             self.leases
-                .hold(key.clone(), session.clone(), self.config.lease);
+                .hold(key.clone(), changed.clone(), self.config.lease);
         }
         self.mutate(
             &key.user_id,
             Mutation::Update {
-                session: session.clone(),
-                activity: change.activity,
+                session: changed.clone(),
+                activity,
                 status: change.status,
             },
         )
         .await?;
+        // Kept only once recorded: after a failed change the client's next
+        // beat, repeating its activity, still counts as a change.
+        *session = changed;
         Ok(())
     }
 
@@ -332,13 +588,76 @@ impl Node {
         user_ids: &[String],
     ) -> Result<Vec<View>, ApiError> {
         let viewers = self.viewers(caller, user_ids).await?;
-        let records = self.backends.hot.get(user_ids).await?;
+        let records = self.presence_records(user_ids).await?;
         Ok(user_ids
             .iter()
             .zip(records)
             .zip(viewers)
             .map(|((id, record), viewer)| View::of(id, record.as_ref(), viewer))
             .collect())
+    }
+
+    /// The records of `user_ids`, in order, for reading: from the hot store;
+    /// for users it does not know, and while it is unreachable, from the
+    /// durable store's latest record of each (no devices); for users with
+    /// changes not replayed into the hot store yet, this node's record when
+    /// it is newer.
+    pub async fn presence_records(
+        &self,
+        user_ids: &[String],
+    ) -> Result<Vec<Option<UserRecord>>, ApiError> {
+        let hot = if self.degraded.hot_down() {
+            None
+        } else {
+            match self.backends.hot.get(user_ids).await {
+                Ok(records) => Some(records),
+                Err(StoreError::Unavailable(cause)) => {
+                    metrics::backend_error("hot");
+                    self.degraded.hot_failed(&cause);
+                    None
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+        let hot_answered = hot.is_some();
+        let mut records = hot.unwrap_or_else(|| vec![None; user_ids.len()]);
+        for (user_id, slot) in user_ids.iter().zip(records.iter_mut()) {
+            if let Some(held) = self.degraded.record(user_id)
+                && slot
+                    .as_ref()
+                    .is_none_or(|record| record.shown.version < held.shown.version)
+            {
+                *slot = Some(held);
+            }
+        }
+        let missing: Vec<usize> = (0..user_ids.len())
+            .filter(|i| records[*i].is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(records);
+        }
+        let ids: Vec<String> = missing.iter().map(|i| user_ids[*i].clone()).collect();
+        let lasts = match self.backends.history.last(&ids).await {
+            Ok(lasts) => lasts,
+            // The hot store answered: users it does not know read as unknown.
+            Err(error) if hot_answered => {
+                metrics::backend_error("history");
+                tracing::warn!(%error, "reading users unknown to the hot store from the durable store failed");
+                return Ok(records);
+            }
+            Err(error) => {
+                metrics::backend_error("history");
+                return Err(error.into());
+            }
+        };
+        // Right after an outage nodes are still re-asserting their sessions,
+        // so a user the hot store does not know yet may well be online.
+        let no_live_session =
+            hot_answered && !self.degraded.durable_is_current(self.config.node_lease);
+        for (i, last) in missing.into_iter().zip(lasts) {
+            records[i] = last.map(|last| degraded::durable_record(last, no_live_session));
+        }
+        Ok(records)
     }
 
     /// The history of `user_id` as `caller` may see it.
@@ -497,9 +816,34 @@ impl Node {
             .renew_node(&self.node_id, self.config.node_lease)
             .await
         {
-            Ok(true) => {}
-            Ok(false) => self.reassert_sessions().await,
-            Err(error) => tracing::warn!(%error, "renewing the node lease failed"),
+            Ok(known) => {
+                self.degraded.hot_answered();
+                {
+                    let mut held_since = self.lease_held_since.lock();
+                    if !known {
+                        *held_since = None;
+                    }
+                    held_since.get_or_insert_with(Instant::now);
+                }
+                if !known {
+                    self.restore_forgotten_choices().await;
+                    self.reassert_sessions().await;
+                }
+                self.replay_degraded(self.config.node_lease / 3).await;
+            }
+            // The renewal doubles as the probe of an unreachable hot store:
+            // the outage was logged once when it began.
+            Err(StoreError::Unavailable(cause)) if self.degraded.hot_down() => {
+                *self.lease_held_since.lock() = None;
+                tracing::debug!(%cause, "renewing the node lease failed, hot store still unreachable");
+            }
+            Err(error) => {
+                *self.lease_held_since.lock() = None;
+                if let StoreError::Unavailable(cause) = &error {
+                    self.degraded.hot_failed(cause);
+                }
+                tracing::warn!(%error, "renewing the node lease failed");
+            }
         }
     }
 
@@ -525,6 +869,17 @@ impl Node {
 
     /// Ends the sessions of nodes whose lease ran out, with reason "node lost".
     async fn reclaim_lost_nodes(&self) {
+        // Node leases live in the hot store: nothing to find while it is down.
+        // And a missing lease proves a node dead only if the store kept ours:
+        // after a failover or restart that lost every lease, live nodes need
+        // one node lease to renew theirs again.
+        let trusted = self
+            .lease_held_since
+            .lock()
+            .is_some_and(|since| since.elapsed() >= self.config.node_lease);
+        if self.degraded.hot_down() || !trusted {
+            return;
+        }
         let lost = match self.backends.hot.lost_nodes().await {
             Ok(lost) => lost,
             Err(error) => {

@@ -19,6 +19,7 @@ use presence_server::domain::{
 use presence_server::hub::{Hub, Pending, Watcher};
 use presence_server::node::Backends;
 use presence_server::store::buffered::{BufferConfig, BufferedHistory};
+use presence_server::store::cached::CachedContacts;
 use presence_server::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
@@ -285,7 +286,13 @@ async fn contacts_are_mutual_and_bounded(b: Backends) {
             .unwrap(),
         2
     );
-    assert_eq!(b.contacts.add(&a, std::slice::from_ref(&c1), 3).await.unwrap(), 0);
+    assert_eq!(
+        b.contacts
+            .add(&a, std::slice::from_ref(&c1), 3)
+            .await
+            .unwrap(),
+        0
+    );
     let mut expected = vec![c1.clone(), c2.clone()];
     expected.sort();
     assert_eq!(b.contacts.list(&a).await.unwrap(), expected);
@@ -436,6 +443,63 @@ suite!(embedded_buffered_history, embedded_buffered());
 suite!(scylla_backends, scylla(false).await);
 suite!(scylla_buffered_history, scylla(true).await);
 suite!(redis_cluster, redis_cluster().await);
+suite!(scylla_cached_contacts, scylla_cached_contacts().await);
+
+// ---------------------------------------------------------------- cached contacts
+
+/// Contacts durable on the CQL store and cached in Redis, as a node with both
+/// runs them; the other backends embedded.
+async fn scylla_cached_contacts() -> Option<Backends> {
+    let urls = redis_urls()?;
+    let backends = scylla(false).await?;
+    let contacts = CachedContacts::new(backends.contacts.clone(), &urls)
+        .expect("a redis cluster client for the contacts cache");
+    Some(Backends {
+        contacts: Arc::new(contacts),
+        ..backends
+    })
+}
+
+/// A contacts change on this node is seen by its next read, even when the
+/// list was cached just before.
+#[tokio::test]
+async fn cached_contacts_follow_changes_at_once() {
+    let Some(b) = scylla_cached_contacts().await else {
+        return;
+    };
+    let (a, c1, c2) = (unique("a"), unique("c1"), unique("c2"));
+    b.contacts
+        .add(&a, std::slice::from_ref(&c1), 10)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(b.contacts.list(&a).await.unwrap(), vec![c1.clone()]);
+        // Gives the background refill time to land.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.contacts
+        .add(&a, std::slice::from_ref(&c2), 10)
+        .await
+        .unwrap();
+    let mut both = vec![c1.clone(), c2.clone()];
+    both.sort();
+    assert_eq!(b.contacts.list(&a).await.unwrap(), both);
+    assert_eq!(b.contacts.list(&c2).await.unwrap(), vec![a.clone()]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.contacts
+        .remove(&a, std::slice::from_ref(&c1))
+        .await
+        .unwrap();
+    assert_eq!(b.contacts.list(&a).await.unwrap(), vec![c2.clone()]);
+    assert!(b.contacts.list(&c1).await.unwrap().is_empty());
+    // The limit is the durable store's, whatever the cache holds.
+    let too_many: Vec<String> = (0..3).map(|i| unique(&format!("x{i}"))).collect();
+    assert!(matches!(
+        b.contacts.add(&a, &too_many, 3).await,
+        Err(StoreError::TooManyContacts(3))
+    ));
+    assert_eq!(b.contacts.list(&a).await.unwrap(), vec![c2]);
+}
 
 // ---------------------------------------------------------------- Redis Cluster
 //

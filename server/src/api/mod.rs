@@ -183,7 +183,18 @@ impl PresenceService for Api {
                     activity: convert::activity(beat.activity)?,
                     status: convert::status_change(beat.status, beat.custom_message, limits)?,
                 };
-                node.beat(&key, &mut session, change).await?;
+                match node.beat(&key, &mut session, change).await {
+                    Ok(()) => {}
+                    // The lease was renewed in memory; only the change could
+                    // not be recorded (no backend could take it). The session
+                    // is alive, so the stream stays open and the beat is
+                    // acknowledged: the SDK sends its activity with every
+                    // beat, so the next one tries the change again.
+                    Err(ApiError::Unavailable(cause)) => {
+                        tracing::warn!(%cause, user_id = %key.user_id, "a heartbeat's change could not be recorded");
+                    }
+                    Err(error) => Err(error)?,
+                }
                 yield pb::HeartbeatResponse {
                     response: Some(pb::heartbeat_response::Response::Ack(pb::HeartbeatAck { seq: beat.seq })),
                 };

@@ -3,6 +3,7 @@
 //! default; production ones implement the same traits and pass the same suite.
 
 pub mod buffered;
+pub mod cached;
 pub mod embedded;
 pub mod redis;
 pub mod scylla;

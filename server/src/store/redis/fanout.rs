@@ -82,7 +82,7 @@ const PROBE_WAIT: Duration = Duration::from_secs(1);
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Calls in flight at once while subscribing or probing.
-const CALLS_IN_FLIGHT: usize = 32;
+const CALLS_IN_FLIGHT: usize = 256;
 
 /// Publishes to, and receives from, the other nodes through Redis.
 pub struct RedisFanOut {
@@ -196,7 +196,7 @@ impl RedisFanOut {
             }
         };
         let (stop, stopped) = watch::channel(());
-        let keeper = tokio::spawn(subscription.clone().keep(conn, round, stopped));
+        let keeper = tokio::spawn(subscription.clone().keep(client, conn, round, stopped));
         Ok((
             Arc::new(RedisFanOut {
                 redis,
@@ -346,7 +346,7 @@ impl Subscription {
 
     /// Subscribes every channel not verified. Subscribing a channel twice is
     /// harmless: Redis and the client keep one subscription.
-    async fn subscribe_unverified(&self, conn: &ClusterConnection) {
+    async fn subscribe_unverified(&self, conn: &ClusterConnection) -> bool {
         let unverified: Vec<usize> = {
             let state = self.state.lock();
             (0..state.verified.len())
@@ -376,6 +376,7 @@ impl Subscription {
                 "fan-out subscriptions failed, retrying"
             );
         }
+        failures.is_empty()
     }
 
     /// Publishes probe `round` on every channel and waits (a bounded time)
@@ -432,7 +433,8 @@ impl Subscription {
     /// Keeps every channel working until `stop`'s sender is dropped.
     async fn keep(
         self: Arc<Self>,
-        conn: ClusterConnection,
+        client: redis::cluster::ClusterClient,
+        mut conn: ClusterConnection,
         mut round: u64,
         mut stop: watch::Receiver<()>,
     ) {
@@ -447,7 +449,21 @@ impl Subscription {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.lost.notified() => {}
             }
-            self.subscribe_unverified(&conn).await;
+            if !self.subscribe_unverified(&conn).await {
+                // A connection that lost every node (the whole cluster
+                // restarted) may never take a subscription again: start over
+                // on a new one.
+                match tokio::time::timeout(CALL_TIMEOUT, client.get_async_connection()).await {
+                    Ok(Ok(fresh)) => {
+                        tracing::info!("fan-out: new subscription connection");
+                        conn = fresh;
+                        self.lose(None);
+                        continue;
+                    }
+                    Ok(Err(error)) => tracing::warn!(%error, "fan-out: cannot connect"),
+                    Err(_) => tracing::warn!("fan-out: connecting timed out"),
+                }
+            }
             round += 1;
             self.probe(&conn, round).await;
             let mut state = self.state.lock();

@@ -1,0 +1,661 @@
+//! What a node does while the hot store (Redis Cluster) cannot be reached.
+//!
+//! **Reads** come from the durable store's latest record per user
+//! ([`HistoryStore::last`](crate::store::HistoryStore::last)), turned into a
+//! record with no devices by [`durable_record`] (see `Node::presence_records`).
+//!
+//! **Changes** are still taken. At a user's first change of the outage the node
+//! rebuilds the user's record from what it knows ([`rebuild`]): the durable
+//! latest shown state, and this node's own sessions of that user. From then on
+//! every change of the user is applied to that record by the same
+//! [`domain::apply`] the hot stores run. A change contacts see is recorded in
+//! the history (through the buffered durable store) and delivered to this
+//! node's own watchers; the fan-out runs on the hot store, so watchers on other
+//! nodes get it when the hot store is back.
+//!
+//! Every change is also **queued**, in order per user, and replayed into the
+//! hot store once it answers again. Until a user's queue is replayed, that
+//! user's new changes join the queue (and the local record) instead of going to
+//! the hot store, so the hot store sees them in the order they were made.
+//!
+//! The queue is bounded ([`QUEUE_CAPACITY`] changes over all users). Past it,
+//! new changes are refused (`UNAVAILABLE`, counted in [`REFUSED_METRIC`],
+//! logged), except the end of a session: refusing that would leave a ghost in
+//! the hot store once it is back, and ends are bounded anyway by the sessions
+//! the node holds, since opens are refused. Accepting changes we then drop
+//! would break the promise that the hot store converges; refusing is visible
+//! where it happens.
+//!
+//! What a node cannot know while the hot store is down: the sessions of the
+//! same user on other nodes. A user seen online in the durable store who has
+//! no session on this node gets a **stand-in session** (device id `""`, which
+//! no client can use), so that a status change made here keeps the user
+//! visible instead of turning them offline. A user with sessions here is
+//! derived from those alone until the replay merges both nodes' sessions in
+//! the hot store. The stand-in never leaves this module: every record handed
+//! out has it removed.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::domain::{
+    self, Activity, Applied, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason,
+    Platform, Session, Shown, UserRecord, VisibleStatus,
+};
+use crate::leases::SessionKey;
+use crate::store::{StoreError, StoreResult};
+
+/// Most changes queued for the hot store, over all users. At 100 changes/s
+/// this rides out a 15-minute outage (as the history buffer does); a change
+/// costs a few hundred bytes.
+pub const QUEUE_CAPACITY: usize = 100_000;
+
+/// Gauge: changes waiting to be replayed into the hot store.
+pub const QUEUED_METRIC: &str = "presence_degraded_queued_changes";
+
+/// Counter: changes refused because the queue was full.
+pub const REFUSED_METRIC: &str = "presence_degraded_refused_total";
+
+/// Device id of the stand-in session; ids from clients are never empty.
+const STAND_IN_DEVICE: &str = "";
+
+/// How often at most the "queue full" error is logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The node's degraded-mode state. parking_lot Mutex, not Tokio's: nothing
+/// async runs while it is held; each critical section is a few map and queue
+/// operations plus one `domain::apply`.
+pub struct Degraded {
+    capacity: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The hot store is taken for down: set when a call to it fails, cleared
+    /// when the node lease renews. While set, changes go to the local records
+    /// without trying the hot store (each try could wait for its timeout).
+    hot_down: bool,
+    /// When the hot store last came back after being down.
+    recovered_at: Option<Instant>,
+    /// Users with changes the hot store has not seen yet.
+    users: HashMap<String, Held>,
+    /// Changes queued, over all users.
+    queued: usize,
+    /// This node's sessions per user, copied from the leases when the first
+    /// record of an outage is rebuilt. Every later change of a session goes
+    /// through a change of its user, which rebuilds that user first, so the
+    /// copy plus the changes is exact. Cleared when the hot store is back.
+    sessions: Option<HashMap<String, Vec<Session>>>,
+    refused_since_log: u64,
+    last_refusal_log: Option<Instant>,
+}
+
+/// One user whose changes the hot store has not seen yet.
+struct Held {
+    /// The record as this node knows it (may hold the stand-in session).
+    record: UserRecord,
+    /// The user's choice when the record was rebuilt: written first during
+    /// the replay if the hot store lost the user meanwhile (restarted empty).
+    base_choice: (ChosenStatus, String),
+    /// Changes not in the hot store yet, oldest first.
+    queue: VecDeque<Mutation>,
+    /// What contacts last saw of the user through this node: the shown
+    /// state recorded in the history during the outage (or the durable one
+    /// the record was rebuilt from).
+    recorded: Shown,
+}
+
+/// What the replay of a user's last queued change reports.
+pub enum Popped {
+    /// More changes of the user are queued.
+    More,
+    /// The queue is empty and the user is no longer held. `recorded` is what
+    /// contacts last saw through this node, to compare with the hot store's
+    /// converged state.
+    Done { recorded: Shown },
+}
+
+impl Default for Degraded {
+    fn default() -> Self {
+        Degraded::new(QUEUE_CAPACITY)
+    }
+}
+
+impl Degraded {
+    pub fn new(capacity: usize) -> Self {
+        Degraded {
+            capacity,
+            state: Mutex::default(),
+        }
+    }
+
+    pub fn hot_down(&self) -> bool {
+        self.state.lock().hot_down
+    }
+
+    /// A call to the hot store failed: until it answers again, changes go to
+    /// the local records.
+    pub fn hot_failed(&self, cause: &str) {
+        let mut state = self.state.lock();
+        if state.hot_down {
+            return;
+        }
+        state.hot_down = true;
+        // This outage copies the leases afresh at its first rebuild.
+        state.sessions = None;
+        drop(state);
+        tracing::warn!(
+            %cause,
+            "hot store unreachable: reading presence from the durable store, queueing changes"
+        );
+    }
+
+    /// The hot store answered (the node lease renewed).
+    pub fn hot_answered(&self) {
+        let mut state = self.state.lock();
+        if !state.hot_down {
+            return;
+        }
+        state.hot_down = false;
+        state.recovered_at = Some(Instant::now());
+        state.sessions = None;
+        let (users, queued) = (state.users.len(), state.queued);
+        drop(state);
+        tracing::info!(
+            users,
+            queued,
+            "hot store answers again, replaying queued changes"
+        );
+    }
+
+    /// Whether the durable store's latest records are as current as the hot
+    /// store's: while the hot store is down, and for `window` after it came
+    /// back (nodes are still re-asserting their sessions into it then).
+    pub fn durable_is_current(&self, window: Duration) -> bool {
+        let state = self.state.lock();
+        state.hot_down || state.recovered_at.is_some_and(|at| at.elapsed() < window)
+    }
+
+    /// Whether `user_id` has changes the hot store has not seen yet.
+    pub fn holds(&self, user_id: &str) -> bool {
+        self.state.lock().users.contains_key(user_id)
+    }
+
+    /// The record this node holds for `user_id`, without the stand-in.
+    pub fn record(&self, user_id: &str) -> Option<UserRecord> {
+        let state = self.state.lock();
+        state
+            .users
+            .get(user_id)
+            .map(|held| without_stand_in(&held.record))
+    }
+
+    /// Whether the leases must be copied before a record is rebuilt.
+    pub fn needs_sessions(&self) -> bool {
+        self.state.lock().sessions.is_none()
+    }
+
+    /// Keeps a copy of this node's sessions, unless one is kept already.
+    pub fn set_sessions(&self, sessions: Vec<(SessionKey, Session)>) {
+        let mut state = self.state.lock();
+        if state.sessions.is_some() {
+            return;
+        }
+        let mut by_user: HashMap<String, Vec<Session>> = HashMap::new();
+        for (key, session) in sessions {
+            by_user.entry(key.user_id).or_default().push(session);
+        }
+        state.sessions = Some(by_user);
+    }
+
+    /// Starts holding `user_id`, with the record [`rebuild`] makes from the
+    /// durable `last` record and this node's sessions of the user (taken from
+    /// the copy), unless a concurrent change of the same user did first: its
+    /// record holds those sessions already, and maybe a newer change. One
+    /// step under the lock, so two first changes cannot split the sessions.
+    pub fn hold(&self, user_id: &str, last: Option<HistoryRecord>, ending_own: bool) {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.users.contains_key(user_id) {
+            return;
+        }
+        let sessions = state
+            .sessions
+            .as_mut()
+            .and_then(|sessions| sessions.remove(user_id))
+            .unwrap_or_default();
+        let record = rebuild(last, sessions, ending_own);
+        state.users.insert(
+            user_id.to_owned(),
+            Held {
+                base_choice: (record.chosen, record.custom_message.clone()),
+                recorded: record.shown.clone(),
+                record,
+                queue: VecDeque::new(),
+            },
+        );
+    }
+
+    /// Applies a change to the held record of `user_id` and queues it for the
+    /// hot store. Returns the record after it (without the stand-in).
+    pub fn apply(
+        &self,
+        user_id: &str,
+        mutation: Mutation,
+        now_ms: i64,
+        limits: Limits,
+    ) -> StoreResult<(UserRecord, Applied)> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let Some(held) = state.users.get_mut(user_id) else {
+            // Unreachable in practice: the caller holds the user first.
+            return Err(StoreError::Unavailable(
+                "degraded mode lost track of the user".into(),
+            ));
+        };
+        if state.queued >= self.capacity && !ends_session(&mutation) {
+            state.refused_since_log += 1;
+            metrics::counter!(REFUSED_METRIC).increment(1);
+            let log_due = state
+                .last_refusal_log
+                .is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY);
+            if log_due {
+                let refused = std::mem::take(&mut state.refused_since_log);
+                state.last_refusal_log = Some(Instant::now());
+                tracing::error!(
+                    refused,
+                    capacity = self.capacity,
+                    "degraded-mode queue full: refusing changes until the hot store is back"
+                );
+            }
+            return Err(StoreError::Unavailable(
+                "degraded-mode queue is full".into(),
+            ));
+        }
+        let applied = domain::apply(&mut held.record, mutation.clone(), now_ms, limits)?;
+        if applied.shown_changed {
+            held.recorded = held.record.shown.clone();
+        }
+        // Clients repeat themselves (the SDK sends its activity with every
+        // beat): one copy of a change replays the same as many.
+        if held.queue.back() != Some(&mutation) {
+            held.queue.push_back(mutation);
+            state.queued += 1;
+            metrics::gauge!(QUEUED_METRIC).set(state.queued as f64);
+        }
+        Ok((without_stand_in(&held.record), applied))
+    }
+
+    /// The users held, for the replay.
+    pub fn users(&self) -> Vec<String> {
+        self.state.lock().users.keys().cloned().collect()
+    }
+
+    /// The choice `user_id` had made when its record was rebuilt.
+    pub fn base_choice(&self, user_id: &str) -> Option<(ChosenStatus, String)> {
+        let state = self.state.lock();
+        state
+            .users
+            .get(user_id)
+            .map(|held| held.base_choice.clone())
+    }
+
+    /// The oldest change of `user_id` not in the hot store yet.
+    pub fn front(&self, user_id: &str) -> Option<Mutation> {
+        let state = self.state.lock();
+        state.users.get(user_id)?.queue.front().cloned()
+    }
+
+    /// The oldest change of `user_id` is in the hot store now.
+    pub fn pop_front(&self, user_id: &str) -> Popped {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let Some(held) = state.users.get_mut(user_id) else {
+            return Popped::Done {
+                recorded: Shown::default(),
+            };
+        };
+        if held.queue.pop_front().is_some() {
+            state.queued -= 1;
+            metrics::gauge!(QUEUED_METRIC).set(state.queued as f64);
+        }
+        if !held.queue.is_empty() {
+            return Popped::More;
+        }
+        let recorded = held.recorded.clone();
+        state.users.remove(user_id);
+        Popped::Done { recorded }
+    }
+
+    /// Changes queued over all users.
+    pub fn queued(&self) -> usize {
+        self.state.lock().queued
+    }
+}
+
+/// Whether the change ends a session (of this node: sessions are ended by
+/// the node holding them, or by one reclaiming a lost node).
+pub fn ends_session(mutation: &Mutation) -> bool {
+    matches!(mutation, Mutation::End { .. } | Mutation::EndNode { .. })
+}
+
+fn without_stand_in(record: &UserRecord) -> UserRecord {
+    let mut record = record.clone();
+    record.sessions.retain(|s| s.device_id != STAND_IN_DEVICE);
+    record
+}
+
+/// What a user had chosen, as far as their visible state tells: busy shows,
+/// invisible shows as the offline reason, the custom message shows unless
+/// the user is offline. Online (the default) otherwise.
+pub fn infer_choice(last: &HistoryRecord) -> (ChosenStatus, String) {
+    match (last.status, last.offline_reason) {
+        (VisibleStatus::Busy, _) => (ChosenStatus::Busy, last.custom_message.clone()),
+        (VisibleStatus::Offline, Some(OfflineReason::Invisible)) => {
+            (ChosenStatus::Invisible, String::new())
+        }
+        (VisibleStatus::Offline, _) => (ChosenStatus::Online, String::new()),
+        (VisibleStatus::Online | VisibleStatus::Idle, _) => {
+            (ChosenStatus::Online, last.custom_message.clone())
+        }
+    }
+}
+
+fn shown_of(last: &HistoryRecord) -> Shown {
+    Shown {
+        status: last.status,
+        custom_message: last.custom_message.clone(),
+        // History records are taken at the moment of the change, which is
+        // when `last_seen` moves.
+        last_seen_ms: last.at_ms,
+        version: last.version,
+        offline_reason: last.offline_reason,
+    }
+}
+
+/// A user's record for reads, from the durable store's latest record: no
+/// devices, the choice inferred.
+///
+/// `no_live_session` says the hot store answered and does not know the user:
+/// it holds every live session, so a user it does not know has none, whatever
+/// the durable store last saw (the node that held them was lost while the
+/// hot store was away, and the hot store restarted empty). Such a user reads
+/// as offline, "node lost", one version above the durable record, rather than
+/// as a ghost.
+pub fn durable_record(last: HistoryRecord, no_live_session: bool) -> UserRecord {
+    let (chosen, custom_message) = infer_choice(&last);
+    let mut shown = shown_of(&last);
+    if no_live_session && shown.status != VisibleStatus::Offline {
+        shown = Shown {
+            status: VisibleStatus::Offline,
+            custom_message: String::new(),
+            last_seen_ms: shown.last_seen_ms,
+            version: shown.version + 1,
+            offline_reason: Some(OfflineReason::NodeLost),
+        };
+    }
+    UserRecord {
+        sessions: Vec::new(),
+        chosen,
+        custom_message,
+        shown,
+    }
+}
+
+/// Rebuilds a user's record at the first change of an outage: the durable
+/// latest shown state, this node's own sessions of the user, and, if the
+/// user is visible without any session here, the stand-in session for their
+/// sessions elsewhere. `ending_own` says the change is the end of a session
+/// of this node, whose lease is already gone (sweep and logout drop it
+/// first): the user did have a session here, so no stand-in.
+pub fn rebuild(
+    last: Option<HistoryRecord>,
+    sessions: Vec<Session>,
+    ending_own: bool,
+) -> UserRecord {
+    let Some(last) = last else {
+        // Never seen visible: nothing to carry over but the sessions.
+        return UserRecord {
+            sessions,
+            ..UserRecord::default()
+        };
+    };
+    let (chosen, custom_message) = infer_choice(&last);
+    let mut record = UserRecord {
+        sessions,
+        chosen,
+        custom_message,
+        shown: shown_of(&last),
+    };
+    if record.sessions.is_empty() && !ending_own && last.status != VisibleStatus::Offline {
+        record.sessions.push(Session {
+            device_id: STAND_IN_DEVICE.to_owned(),
+            platform: Platform::Unspecified,
+            activity: if last.status == VisibleStatus::Idle {
+                Activity::Idle
+            } else {
+                Activity::Active
+            },
+            connected_since_ms: last.at_ms,
+            conn_id: 0,
+            node_id: String::new(),
+        });
+    }
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_sessions_per_user: 4,
+    };
+
+    fn last(status: VisibleStatus, reason: Option<OfflineReason>, message: &str) -> HistoryRecord {
+        HistoryRecord {
+            user_id: "bob".into(),
+            at_ms: 1_000,
+            status,
+            custom_message: message.into(),
+            offline_reason: reason,
+            version: 1_000_000,
+        }
+    }
+
+    fn key(user: &str, device: &str) -> SessionKey {
+        SessionKey {
+            user_id: user.into(),
+            device_id: device.into(),
+        }
+    }
+
+    fn session(device: &str, conn_id: u64) -> Session {
+        Session {
+            device_id: device.into(),
+            platform: Platform::Desktop,
+            activity: Activity::Active,
+            connected_since_ms: 500,
+            conn_id,
+            node_id: "n1".into(),
+        }
+    }
+
+    #[test]
+    fn the_choice_is_inferred_from_what_contacts_saw() {
+        let busy = last(VisibleStatus::Busy, None, "meeting");
+        assert_eq!(infer_choice(&busy), (ChosenStatus::Busy, "meeting".into()));
+        let hidden = last(VisibleStatus::Offline, Some(OfflineReason::Invisible), "");
+        assert_eq!(
+            infer_choice(&hidden),
+            (ChosenStatus::Invisible, String::new())
+        );
+        let idle = last(VisibleStatus::Idle, None, "afk");
+        assert_eq!(infer_choice(&idle), (ChosenStatus::Online, "afk".into()));
+        let gone = last(VisibleStatus::Offline, Some(OfflineReason::Logout), "");
+        assert_eq!(infer_choice(&gone), (ChosenStatus::Online, String::new()));
+    }
+
+    #[test]
+    fn a_status_change_on_a_node_without_the_users_sessions_keeps_them_visible() {
+        let mut record = rebuild(
+            Some(last(VisibleStatus::Online, None, "")),
+            Vec::new(),
+            false,
+        );
+        let busy = Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: String::new(),
+        };
+        let applied = domain::apply(&mut record, busy, 2_000, LIMITS).unwrap();
+        assert!(applied.shown_changed);
+        assert_eq!(record.shown.status, VisibleStatus::Busy);
+        assert!(record.shown.version > 1_000_000, "versions never go back");
+    }
+
+    #[test]
+    fn the_last_own_session_ending_takes_the_user_offline() {
+        let mut record = rebuild(
+            Some(last(VisibleStatus::Online, None, "")),
+            vec![session("phone", 7)],
+            false,
+        );
+        assert_eq!(record.sessions.len(), 1, "no stand-in beside own sessions");
+        let end = Mutation::End {
+            device_id: "phone".into(),
+            conn_id: Some(7),
+            reason: OfflineReason::Logout,
+        };
+        domain::apply(&mut record, end, 2_000, LIMITS).unwrap();
+        assert_eq!(record.shown.status, VisibleStatus::Offline);
+    }
+
+    #[test]
+    fn a_session_ending_as_the_outage_begins_takes_the_user_offline() {
+        // The sweeper dropped the lease before the change: no own session
+        // is left to rebuild from, and no stand-in may keep the user online.
+        let mut record = rebuild(
+            Some(last(VisibleStatus::Online, None, "")),
+            Vec::new(),
+            true,
+        );
+        let end = Mutation::End {
+            device_id: "phone".into(),
+            conn_id: Some(7),
+            reason: OfflineReason::LeaseExpired,
+        };
+        let applied = domain::apply(&mut record, end, 2_000, LIMITS).unwrap();
+        assert!(applied.shown_changed);
+        assert_eq!(record.shown.status, VisibleStatus::Offline);
+        assert_eq!(
+            record.shown.offline_reason,
+            Some(OfflineReason::LeaseExpired)
+        );
+    }
+
+    #[test]
+    fn an_invisible_user_stays_invisible_through_a_rebuild() {
+        let hidden = last(VisibleStatus::Offline, Some(OfflineReason::Invisible), "");
+        let mut record = rebuild(Some(hidden), vec![session("phone", 7)], false);
+        let idle = Mutation::Update {
+            session: session("phone", 7),
+            activity: Some(Activity::Idle),
+            status: None,
+        };
+        let applied = domain::apply(&mut record, idle, 2_000, LIMITS).unwrap();
+        assert!(
+            !applied.shown_changed,
+            "nothing leaks about an invisible user"
+        );
+    }
+
+    #[test]
+    fn a_user_the_hot_store_does_not_know_reads_offline_not_as_a_ghost() {
+        let online = last(VisibleStatus::Online, None, "hi");
+        let trusted = durable_record(online.clone(), false);
+        assert_eq!(trusted.shown.status, VisibleStatus::Online);
+        assert!(trusted.sessions.is_empty());
+        let unknown = durable_record(online, true);
+        assert_eq!(unknown.shown.status, VisibleStatus::Offline);
+        assert_eq!(unknown.shown.offline_reason, Some(OfflineReason::NodeLost));
+        assert_eq!(unknown.shown.version, 1_000_001);
+        assert_eq!(unknown.shown.last_seen_ms, 1_000);
+    }
+
+    #[test]
+    fn changes_queue_in_order_and_repeats_collapse() {
+        let degraded = Degraded::new(10);
+        degraded.set_sessions(vec![(key("bob", "phone"), session("phone", 7))]);
+        degraded.hold("bob", None, false);
+        let beat = Mutation::Update {
+            session: session("phone", 7),
+            activity: Some(Activity::Active),
+            status: None,
+        };
+        degraded.apply("bob", beat.clone(), 1_000, LIMITS).unwrap();
+        degraded.apply("bob", beat.clone(), 1_001, LIMITS).unwrap();
+        let busy = Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: String::new(),
+        };
+        let (record, applied) = degraded.apply("bob", busy.clone(), 1_002, LIMITS).unwrap();
+        assert!(applied.shown_changed);
+        assert_eq!(record.shown.status, VisibleStatus::Busy);
+        assert_eq!(degraded.queued(), 2);
+        assert_eq!(degraded.front("bob"), Some(beat));
+        assert!(matches!(degraded.pop_front("bob"), Popped::More));
+        assert_eq!(degraded.front("bob"), Some(busy));
+        let Popped::Done { recorded } = degraded.pop_front("bob") else {
+            panic!("bob's queue is empty");
+        };
+        assert_eq!(recorded.status, VisibleStatus::Busy);
+        assert!(!degraded.holds("bob"));
+        assert_eq!(degraded.queued(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_changes_but_never_the_end_of_a_session() {
+        let degraded = Degraded::new(1);
+        degraded.set_sessions(vec![(key("bob", "phone"), session("phone", 7))]);
+        degraded.hold("bob", None, false);
+        let busy = Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: String::new(),
+        };
+        degraded.apply("bob", busy, 1_000, LIMITS).unwrap();
+        let online = Mutation::SetStatus {
+            chosen: ChosenStatus::Online,
+            custom_message: String::new(),
+        };
+        assert!(matches!(
+            degraded.apply("bob", online, 1_001, LIMITS),
+            Err(StoreError::Unavailable(_))
+        ));
+        let end = Mutation::End {
+            device_id: "phone".into(),
+            conn_id: Some(7),
+            reason: OfflineReason::Logout,
+        };
+        let (record, _) = degraded.apply("bob", end, 1_002, LIMITS).unwrap();
+        assert_eq!(record.shown.status, VisibleStatus::Offline);
+        assert_eq!(degraded.queued(), 2);
+    }
+
+    #[test]
+    fn records_handed_out_never_show_the_stand_in() {
+        let degraded = Degraded::new(10);
+        degraded.set_sessions(Vec::new());
+        degraded.hold("bob", Some(last(VisibleStatus::Online, None, "")), false);
+        assert!(degraded.record("bob").unwrap().sessions.is_empty());
+        let opened = Mutation::Open {
+            session: session("phone", 7),
+            status: None,
+        };
+        let (record, _) = degraded.apply("bob", opened, 2_000, LIMITS).unwrap();
+        assert_eq!(record.sessions.len(), 1);
+        assert_eq!(record.sessions[0].device_id, "phone");
+    }
+}
