@@ -41,6 +41,14 @@ pub fn describe() {
     );
     describe_histogram!(SNAPSHOT_SIZE, "users in a WatchContacts snapshot");
     describe_counter!(BACKEND_ERRORS, "failed backend calls, by backend");
+    describe_gauge!(
+        crate::degraded::QUEUED_METRIC,
+        "changes waiting to be replayed into the hot store after an outage"
+    );
+    describe_counter!(
+        crate::degraded::REFUSED_METRIC,
+        "changes refused because the outage replay queue was full"
+    );
     describe_counter!(
         crate::store::buffered::REFUSED_METRIC,
         "history records refused because the history buffer was full"

@@ -13,6 +13,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
+/// Without `RUST_LOG`: our own info lines, and only errors from the Redis
+/// client, which logs a warning per failed call (thousands a second during an
+/// outage the node already reports once).
+const DEFAULT_FILTER: &str = "info,redis=error";
+
 /// Keeps the trace exporter alive; dropping it flushes pending spans.
 pub struct Telemetry {
     tracer_provider: Option<SdkTracerProvider>,
@@ -29,7 +34,7 @@ impl Drop for Telemetry {
 }
 
 pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let tracer_provider = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Some(_) => Some(otlp_tracer_provider()?),
         None => None,

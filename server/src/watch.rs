@@ -90,7 +90,7 @@ pub fn watch(
         for user in &users {
             registration.watch(user);
         }
-        let records = node.backends.hot.get(&users).await?;
+        let records = node.presence_records(&users).await?;
         let mut delivered: HashMap<String, u64> = HashMap::with_capacity(users.len());
         for (user, record) in users.iter().zip(records) {
             let view = View::of(user, record.as_ref(), viewer);
@@ -132,7 +132,7 @@ pub fn watch(
                     }
                     Pending::Added => {
                         registration.watch(&user);
-                        let record = node.backends.hot.get(std::slice::from_ref(&user)).await?.pop().flatten();
+                        let record = node.presence_records(std::slice::from_ref(&user)).await?.pop().flatten();
                         let view = View::of(&user, record.as_ref(), viewer);
                         let held = delivered.entry(user).or_default();
                         // A new contact is announced even with version 0, so

@@ -72,7 +72,7 @@ const DOUBTFUL_MAX: usize = 10_000;
 
 /// The key of a user's cached contact list.
 pub fn cache_key(user_id: &str) -> String {
-    format!("{}:contacts-cache", keys::user(user_id))
+    keys::contacts_cache(user_id)
 }
 
 pub struct CachedContacts {

@@ -50,6 +50,11 @@ pub fn history(user_id: &str) -> String {
 }
 
 /// The slot every key of `user_id` lives in.
+/// A user's cached contact list (the durable list is in ScyllaDB).
+pub fn contacts_cache(user_id: &str) -> String {
+    format!("{}:contacts-cache", user(user_id))
+}
+
 pub fn user_slot(user_id: &str) -> u16 {
     slot_of(user(user_id).as_bytes())
 }

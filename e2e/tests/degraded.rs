@@ -1,0 +1,634 @@
+//! Degraded modes, with the real services stopped mid-test and started again:
+//! a server on Redis Cluster (hot state, fan-out, contacts cache) and a CQL
+//! store (contacts, history) keeps its promises while either one is down.
+//!
+//! Needs `PRESENCE_TEST_REDIS_CLUSTER` and `PRESENCE_TEST_SCYLLA_NODES`;
+//! without them every test prints a note and passes, unless
+//! `PRESENCE_REQUIRE_BACKENDS=1`. The services are stopped and started
+//! through `e2e/scripts/redis-cluster.sh` (told the cluster's base port; it
+//! honours `REDIS_CLUSTER_DIR`) and `e2e/scripts/cassandra.sh` (told the
+//! contact point's port; it honours `CASSANDRA_HOME`). The tests run one at a
+//! time, and each restores the service it stopped however it ends, so a
+//! failing test never leaves a service down for the next test binary.
+//!
+//! The server runs in-process (`presence_server::run`, as `support` does):
+//! these tests need no second process, and a panic shows the server's state.
+//! `RUST_LOG=presence_server=info` prints its logs.
+
+#[path = "support/nodes.rs"]
+mod nodes;
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use presence_proto::v1::{self as pb, presence_event};
+use presence_sdk::{PresenceClient, SessionOptions, SessionState};
+use presence_server::domain::{HistoryRecord, UserRecord, VisibleStatus};
+use presence_server::store::redis::keys;
+use presence_server::store::{HistoryStore, cached, scylla};
+use support::{TestServer, VISIBLE_WITHIN, authed, befriend, client, token, user};
+
+/// The keyspace these tests use in the CQL store.
+const KEYSPACE: &str = "presence_e2e_degraded";
+
+/// The node lease of the servers under test: short, so that a Redis that
+/// came back is noticed (and the queued changes replayed) within half a
+/// second.
+const NODE_LEASE: Duration = nodes::NODE_LEASE;
+
+/// How soon the hot state must be right again once Redis answers.
+const CONVERGED_WITHIN: Duration = Duration::from_secs(10);
+
+/// How soon every history row must be in the CQL store once it is back.
+const FLUSHED_WITHIN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- services
+
+/// The two services under test.
+struct Services {
+    redis: nodes::RedisCluster,
+    scylla: Vec<String>,
+}
+
+impl Services {
+    /// Both services from the environment, or `None` with a note.
+    fn from_env() -> Option<Services> {
+        let scylla: Vec<String> = std::env::var("PRESENCE_TEST_SCYLLA_NODES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if scylla.is_empty() {
+            assert!(
+                std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_SCYLLA_NODES is unset; start it with: \
+                 export PRESENCE_TEST_SCYLLA_NODES=$(e2e/scripts/cassandra.sh start | tail -1)"
+            );
+            println!("note: PRESENCE_TEST_SCYLLA_NODES is unset, skipping this degraded-mode test");
+            return None;
+        }
+        let redis = nodes::redis_cluster()?;
+        Some(Services { redis, scylla })
+    }
+
+    fn server_flags(&self) -> Vec<String> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        vec![
+            "--redis-cluster".into(),
+            self.redis.seeds(),
+            "--scylla".into(),
+            self.scylla.join(","),
+            "--scylla-keyspace".into(),
+            KEYSPACE.into(),
+            "--node-lease".into(),
+            ms(NODE_LEASE),
+        ]
+    }
+
+    /// `redis-cluster.sh ARGS` for this cluster.
+    fn redis_script(&self, args: &[&str]) -> Result<String, String> {
+        script(
+            "redis-cluster.sh",
+            args,
+            &[("REDIS_CLUSTER_BASE_PORT", self.redis.base_port.to_string())],
+        )
+    }
+
+    /// `cassandra.sh ARGS` for this CQL node.
+    fn cassandra_script(&self, args: &[&str]) -> Result<String, String> {
+        let port = self.scylla[0]
+            .rsplit_once(':')
+            .map_or("9042", |(_, port)| port)
+            .to_owned();
+        script("cassandra.sh", args, &[("CASSANDRA_PORT", port)])
+    }
+
+    /// Both services up; a test before this one (or an earlier run that was
+    /// killed) may have left one down.
+    fn ensure_up(&self) {
+        self.redis_script(&["start"]).expect("redis cluster up");
+        self.redis_script(&["wait", "30"])
+            .expect("redis cluster healthy");
+        self.cassandra_script(&["start"]).expect("cassandra up");
+    }
+
+    /// `redis-cli -c` against the first node: follows the cluster's redirects.
+    fn redis_cli(&self, args: &[&str]) -> Option<String> {
+        let port = self.redis.base_port.to_string();
+        let output = Command::new("timeout")
+            .args(["5", "redis-cli", "-c", "-h", &self.redis.host, "-p", &port])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// The user's record as the Redis hot store holds it.
+    fn hot_record(&self, user_id: &str) -> Option<UserRecord> {
+        let json = self.redis_cli(&["HGET", &keys::user(user_id), "d"])?;
+        serde_json::from_str(&json).ok()
+    }
+
+    /// The CQL store itself, without any node's buffer in front.
+    async fn durable_history(&self) -> Arc<dyn HistoryStore> {
+        scylla::connect(&self.scylla, KEYSPACE, Duration::from_secs(24 * 3600))
+            .await
+            .expect("connecting to the CQL store")
+            .history
+    }
+}
+
+/// Runs `e2e/scripts/NAME ARGS` with `env`, returning stdout, or stderr on
+/// failure. Never panics: it also runs from `Drop` while a test panics.
+fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<String, String> {
+    let path = nodes::workspace_root().join("e2e/scripts").join(name);
+    let started = Instant::now();
+    let output = Command::new(&path)
+        .args(args)
+        .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("cannot run {}: {error}", path.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "{name} {} took {:?}: {}",
+        args.join(" "),
+        started.elapsed(),
+        stderr.trim().lines().last().unwrap_or_default()
+    );
+    if !output.status.success() {
+        return Err(format!(
+            "{name} {} failed ({}):\n{stderr}",
+            args.join(" "),
+            output.status
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A service stopped by the test. Dropping it starts the service again if
+/// the test did not (it failed half-way), so the next test finds it up.
+struct Outage<'a> {
+    services: &'a Services,
+    service: Service,
+    restored: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Service {
+    Redis,
+    Cassandra,
+}
+
+impl<'a> Outage<'a> {
+    fn begin(services: &'a Services, service: Service) -> Outage<'a> {
+        let outage = Outage {
+            services,
+            service,
+            restored: false,
+        };
+        let stopped = match service {
+            Service::Redis => services.redis_script(&["stop"]),
+            // `stop` keeps the data: the node went down and comes back.
+            Service::Cassandra => services.cassandra_script(&["stop"]),
+        };
+        stopped.unwrap_or_else(|error| panic!("stopping {service:?}: {error}"));
+        outage
+    }
+
+    /// Starts the service again and waits until it serves.
+    fn end(mut self) {
+        self.restored = true;
+        self.start()
+            .unwrap_or_else(|error| panic!("starting {:?} again: {error}", self.service));
+    }
+
+    fn start(&self) -> Result<(), String> {
+        match self.service {
+            // The cluster comes back empty, with the same ports.
+            Service::Redis => {
+                self.services.redis_script(&["start"])?;
+                self.services.redis_script(&["wait", "30"]).map(drop)
+            }
+            Service::Cassandra => self.services.cassandra_script(&["start"]).map(drop),
+        }
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        if !self.restored
+            && let Err(error) = self.start()
+        {
+            eprintln!(
+                "could not restore {:?} after the test: {error}",
+                self.service
+            );
+        }
+    }
+}
+
+/// One test at a time: each stops a service the others need.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
+/// The services, up, with the test holding them; `None` if not configured.
+async fn setup() -> Option<(Services, tokio::sync::MutexGuard<'static, ()>)> {
+    let services = Services::from_env()?;
+    let guard = serial().await;
+    if std::env::var_os("RUST_LOG").is_some() {
+        static LOGS: std::sync::Once = std::sync::Once::new();
+        LOGS.call_once(|| {
+            // Kept for the life of the test binary.
+            std::mem::forget(presence_server::telemetry::init(
+                presence_server::config::LogFormat::Text,
+            ));
+        });
+    }
+    services.ensure_up();
+    Some((services, guard))
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A raw WatchContacts stream: unlike the SDK's, which resumes by itself, it
+/// shows whether the server ever ended it.
+struct Watch {
+    stream: tonic::Streaming<pb::PresenceEvent>,
+}
+
+impl Watch {
+    async fn open(server: &TestServer, user_id: &str) -> Watch {
+        let request = authed(pb::WatchContactsRequest::default(), &token(user_id));
+        let stream = server
+            .presence()
+            .await
+            .watch_contacts(request)
+            .await
+            .expect("watch opens")
+            .into_inner();
+        let mut watch = Watch { stream };
+        // The snapshot first.
+        loop {
+            match watch.next(VISIBLE_WITHIN).await {
+                presence_event::Event::SnapshotComplete(_) => return watch,
+                presence_event::Event::Presence(_) => {}
+                other => panic!("unexpected {other:?} in the snapshot"),
+            }
+        }
+    }
+
+    async fn next(&mut self, within: Duration) -> presence_event::Event {
+        let message = tokio::time::timeout(within, self.stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no watch event within {within:?}"));
+        match message {
+            Ok(Some(pb::PresenceEvent { event: Some(event) })) => event,
+            Ok(Some(_)) => panic!("an empty watch event"),
+            Ok(None) => panic!("the server ended the watch"),
+            Err(status) => panic!("the watch failed: {status}"),
+        }
+    }
+
+    /// Waits for a presence of `user_id` with `status`.
+    async fn wait_for(&mut self, user_id: &str, status: pb::VisibleStatus) -> pb::Presence {
+        let deadline = Instant::now() + VISIBLE_WITHIN;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let presence_event::Event::Presence(p) = self.next(left).await
+                && p.user_id == user_id
+                && p.status() == status
+            {
+                return p;
+            }
+        }
+    }
+}
+
+async fn get_presence(server: &TestServer, viewer: &str, user_id: &str) -> pb::Presence {
+    let request = authed(
+        pb::GetPresenceRequest {
+            user_ids: vec![user_id.to_owned()],
+        },
+        &token(viewer),
+    );
+    let mut presences = server
+        .presence()
+        .await
+        .get_presence(request)
+        .await
+        .unwrap_or_else(|status| panic!("GetPresence failed: {status}"))
+        .into_inner()
+        .presences;
+    assert_eq!(presences.len(), 1);
+    presences.remove(0)
+}
+
+async fn set_status(
+    server: &TestServer,
+    user_id: &str,
+    status: pb::UserStatus,
+    message: &str,
+) -> pb::Presence {
+    let request = authed(
+        pb::SetStatusRequest {
+            status: status as i32,
+            custom_message: message.to_owned(),
+        },
+        &token(user_id),
+    );
+    server
+        .presence()
+        .await
+        .set_status(request)
+        .await
+        .unwrap_or_else(|status| panic!("SetStatus failed: {status}"))
+        .into_inner()
+        .presence
+        .expect("SetStatus answers the presence")
+}
+
+/// The versions of `user_id`'s history as the server answers GetHistory.
+async fn history_versions(
+    server: &TestServer,
+    user_id: &str,
+) -> Result<BTreeSet<u64>, tonic::Status> {
+    let request = authed(
+        pb::GetHistoryRequest {
+            user_id: user_id.to_owned(),
+            page_size: 1000,
+            ..Default::default()
+        },
+        &token(user_id),
+    );
+    let entries = server
+        .presence()
+        .await
+        .get_history(request)
+        .await?
+        .into_inner()
+        .entries;
+    Ok(entries.into_iter().map(|entry| entry.version).collect())
+}
+
+/// The versions of `user_id`'s history stored in the CQL store.
+async fn stored_versions(history: &dyn HistoryStore, user_id: &str) -> BTreeSet<u64> {
+    history
+        .page(user_id, 0, i64::MAX, 0, 1000)
+        .await
+        .map(|records: Vec<HistoryRecord>| records.into_iter().map(|r| r.version).collect())
+        .unwrap_or_default()
+}
+
+/// Polls `check` every 100 ms until it holds, at most `within`; returns how
+/// long that took.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether an SDK session ever stopped being connected, and how.
+#[derive(Clone, Default)]
+struct Broken(Arc<parking_lot::Mutex<Option<String>>>);
+
+impl Broken {
+    fn assert_never(&self, what: &str) {
+        if let Some(state) = &*self.0.lock() {
+            panic!("{what} was interrupted: {state}");
+        }
+    }
+}
+
+/// Starts an SDK session and watches whether it ever stops being connected.
+async fn session(server: &TestServer, user_id: &str, device: &str) -> (PresenceClient, Broken) {
+    let device_client = client(server, user_id, device).await;
+    device_client
+        .start_session(SessionOptions::default())
+        .await
+        .expect("session opens");
+    let broken = Broken::default();
+    let mut state = device_client.session_state();
+    let first = broken.clone();
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            if !matches!(now, SessionState::Connected { .. }) {
+                first.0.lock().get_or_insert_with(|| format!("{now:?}"));
+            }
+        }
+    });
+    (device_client, broken)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_presence_answering_and_history_recording() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let started = Instant::now();
+    let flags = services.server_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start_with(&flags).await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    befriend(&server, &alice, &[&bob]).await;
+    let mut watch = Watch::open(&server, &alice).await;
+    let (_bob_device, bob_reconnected) = session(&server, &bob, "bob-laptop").await;
+    let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+
+    let outage = Outage::begin(&services, Service::Redis);
+    let down_at = Instant::now();
+
+    // Reads fall back to the durable store (contacts too: alice's list says
+    // she may see bob).
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Online, "{seen:?}");
+    assert_eq!(seen.version, online.version);
+    println!(
+        "GetPresence answered from the durable store {:?} into the outage",
+        down_at.elapsed()
+    );
+
+    // A change is taken, recorded and delivered to this node's watchers.
+    let busy = set_status(&server, &bob, pb::UserStatus::Busy, "redis is down").await;
+    assert_eq!(busy.status(), pb::VisibleStatus::Busy);
+    assert!(busy.version > online.version);
+    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Busy).await;
+    assert_eq!(delivered.version, busy.version);
+    assert_eq!(delivered.custom_message, "redis is down");
+
+    // Heartbeats keep bob's session alive through several leases.
+    tokio::time::sleep(support::LEASE * 2).await;
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Busy, "{seen:?}");
+    bob_reconnected.assert_never("bob's heartbeat stream");
+
+    // The change is in the history, and in the CQL store itself.
+    let history = services.durable_history().await;
+    let flushed = eventually(FLUSHED_WITHIN, "bob's busy change stored", || {
+        let history = history.clone();
+        let bob = bob.clone();
+        async move {
+            stored_versions(history.as_ref(), &bob)
+                .await
+                .contains(&busy.version)
+        }
+    })
+    .await;
+    println!("the busy change was in the CQL store {flushed:?} after it was made");
+    assert!(
+        history_versions(&server, &bob)
+            .await
+            .unwrap()
+            .contains(&busy.version)
+    );
+    println!("redis was down for {:?}", down_at.elapsed());
+
+    // Redis comes back empty: the node re-asserts bob's session and replays
+    // the change, so the hot state is right again.
+    outage.end();
+    let back_at = Instant::now();
+    let converged = eventually(CONVERGED_WITHIN, "bob busy in redis again", || {
+        let record = services.hot_record(&bob);
+        async move {
+            record.is_some_and(|r| {
+                r.shown.status == VisibleStatus::Busy
+                    && r.custom_message == "redis is down"
+                    && r.sessions.iter().any(|s| s.device_id == "bob-laptop")
+            })
+        }
+    })
+    .await;
+    println!("redis held bob's busy state {converged:?} after it was back");
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Busy, "{seen:?}");
+    assert_eq!(seen.custom_message, "redis is down");
+
+    // The watch that lived through the outage carries on, now through the
+    // fan-out again.
+    let online_again = set_status(&server, &bob, pb::UserStatus::Online, "").await;
+    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+    assert!(delivered.version >= online_again.version);
+    bob_reconnected.assert_never("bob's heartbeat stream");
+    let record = services.hot_record(&bob).expect("bob in redis");
+    assert_eq!(record.shown.status, VisibleStatus::Online);
+    println!(
+        "whole test {:?}, {:?} after redis came back",
+        started.elapsed(),
+        back_at.elapsed()
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scylla_down_keeps_presence_working_and_loses_no_history() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let started = Instant::now();
+    let flags = services.server_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start_with(&flags).await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    befriend(&server, &alice, &[&bob]).await;
+    let mut watch = Watch::open(&server, &alice).await;
+    let (_bob_device, bob_reconnected) = session(&server, &bob, "bob-phone").await;
+    let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+    // Alice's contact list is cached in Redis after her first read once the
+    // contacts change has deleted it for the second time.
+    tokio::time::sleep(cached::SECOND_DELETE_AFTER + Duration::from_millis(200)).await;
+    get_presence(&server, &alice, &bob).await;
+    let cache_key = cached::cache_key(&alice);
+    eventually(Duration::from_secs(5), "alice's contacts cached", || {
+        let cached = services.redis_cli(&["EXISTS", &cache_key]);
+        async move { cached.as_deref() == Some("1") }
+    })
+    .await;
+
+    let outage = Outage::begin(&services, Service::Cassandra);
+    let down_at = Instant::now();
+    let mut made = vec![online.version];
+    for (status, message, shows) in [
+        (
+            pb::UserStatus::Busy,
+            "cassandra is down",
+            pb::VisibleStatus::Busy,
+        ),
+        (
+            pb::UserStatus::Online,
+            "still here",
+            pb::VisibleStatus::Online,
+        ),
+        (pb::UserStatus::Invisible, "", pb::VisibleStatus::Offline),
+        (pb::UserStatus::Online, "", pb::VisibleStatus::Online),
+    ] {
+        let presence = set_status(&server, &bob, status, message).await;
+        let delivered = watch.wait_for(&bob, shows).await;
+        assert_eq!(delivered.version, presence.version);
+        made.push(presence.version);
+    }
+    // Reads keep working: presence from Redis, alice's contacts from the cache.
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Online);
+    assert_eq!(seen.version, *made.last().unwrap());
+    bob_reconnected.assert_never("bob's heartbeat stream");
+    println!(
+        "{} changes made while cassandra was down ({:?})",
+        made.len() - 1,
+        down_at.elapsed()
+    );
+
+    outage.end();
+    let back_at = Instant::now();
+    let history = services.durable_history().await;
+    let flushed = eventually(FLUSHED_WITHIN, "every change stored", || {
+        let history = history.clone();
+        let (bob, made) = (bob.clone(), made.clone());
+        async move {
+            let stored = stored_versions(history.as_ref(), &bob).await;
+            made.iter().all(|version| stored.contains(version))
+        }
+    })
+    .await;
+    println!("every change was in the CQL store {flushed:?} after it was back");
+    let answered = history_versions(&server, &bob)
+        .await
+        .expect("GetHistory answers");
+    for version in &made {
+        assert!(
+            answered.contains(version),
+            "version {version} missing from {answered:?}"
+        );
+    }
+    bob_reconnected.assert_never("bob's heartbeat stream");
+    println!(
+        "whole test {:?}, {:?} after cassandra came back",
+        started.elapsed(),
+        back_at.elapsed()
+    );
+    server.stop().await;
+}
