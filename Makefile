@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVER := target/release/presence-server
 
-.PHONY: run build test test-rust test-backends services-up services-down lint fmt help
+.PHONY: run build test test-rust test-backends services-up services-down bench bench-full lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -37,6 +37,12 @@ services-up: ## start a local Redis Cluster and Cassandra for tests
 services-down: ## stop them
 	-e2e/scripts/redis-cluster.sh stop
 	-e2e/scripts/cassandra.sh stop
+
+bench: ## quick benchmark (one node, embedded backends, a few minutes); see BENCHMARKS.md
+	e2e/bench/run.sh quick
+
+bench-full: ## every benchmark profile, incl. 100k connections on Redis Cluster (about an hour)
+	e2e/bench/run.sh full
 
 lint: ## formatting and clippy
 	$(CARGO) fmt --all --check

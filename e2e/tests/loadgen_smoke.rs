@@ -102,7 +102,10 @@ async fn load_generator_measures_every_phase_without_errors() {
         "server_rss_opened_mb",
         "server_cpu_per_1k_beats_per_s",
     ] {
-        assert!(summary.contains_key(figure), "{figure} missing: {summary:?}");
+        assert!(
+            summary.contains_key(figure),
+            "{figure} missing: {summary:?}"
+        );
     }
 
     // The report survives a round trip through its JSON and a merge.

@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "loadgen",
+    // A later flag overrides an earlier one, so profiles can be adjusted by
+    // appending flags.
+    args_override_self = true,
     about = "Load generator and benchmark of the presence service",
     long_about = "Opens device sessions (bidirectional heartbeat streams) and contact watchers \
                   against one or more server nodes, drives status changes and presence queries, \
@@ -142,6 +145,11 @@ pub struct RunConfig {
     /// source address has its own ~28k ephemeral ports). Default: any.
     #[arg(long, value_delimiter = ',')]
     pub source_ip: Vec<IpAddr>,
+
+    /// Set up the contacts through every target node instead of the first
+    /// only: for nodes that each keep their own contacts.
+    #[arg(long)]
+    pub contacts_on_every_node: bool,
 
     /// Prefix of every user id this process creates; processes of one run
     /// need distinct prefixes.

@@ -95,9 +95,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
     let mut admin = Vec::new();
     for target in &cfg.target {
         admin.push(
-            net::connect(*target, cfg.source_ip.first().copied(), Duration::from_secs(10))
-                .await
-                .with_context(|| format!("connecting to {target}"))?,
+            net::connect(
+                *target,
+                cfg.source_ip.first().copied(),
+                Duration::from_secs(10),
+            )
+            .await
+            .with_context(|| format!("connecting to {target}"))?,
         );
     }
     workload::setup_contacts(&shared, &admin).await?;
@@ -129,7 +133,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         redis.beats_start = sampler.redis().await?;
         let beats = Counters::get(&counters.beats_acked);
         let clock = Instant::now();
+        shared.set_measuring(true);
         tokio::time::sleep(cfg.beats_only).await;
+        shared.set_measuring(false);
         beats_in_beats_window = Counters::get(&counters.beats_acked) - beats;
         beats_window_secs = clock.elapsed().as_secs_f64();
         server.beats_end = sampler.server()?;
@@ -144,29 +150,38 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
     server.watching = sampler.server()?;
     barrier.wait("watching").await?;
 
-    shared.set_phase("load");
-    let channels = Arc::new(channels);
-    server.load_start = sampler.server()?;
-    redis.load_start = sampler.redis().await?;
-    let beats = Counters::get(&counters.beats_acked);
-    let clock = Instant::now();
-    let churn = tokio::spawn(workload::churn(
-        shared.clone(),
-        channels.clone(),
-        cfg.duration,
-    ));
-    let queries = tokio::spawn(workload::queries(
-        shared.clone(),
-        channels.clone(),
-        cfg.duration,
-    ));
-    tokio::time::sleep(cfg.duration).await;
-    let beats_in_load_window = Counters::get(&counters.beats_acked) - beats;
-    let load_window_secs = clock.elapsed().as_secs_f64();
-    server.load_end = sampler.server()?;
-    redis.load_end = sampler.redis().await?;
-    churn.await?;
-    queries.await?;
+    // The generator's own footprint while everything is open.
+    let mut loadgen_rss_kb = probe::sample_self().rss_kb;
+    let mut load_window_secs = 0.0;
+    let mut beats_in_load_window = 0;
+    if !cfg.duration.is_zero() {
+        shared.set_phase("load");
+        let channels = Arc::new(channels);
+        server.load_start = sampler.server()?;
+        redis.load_start = sampler.redis().await?;
+        let beats = Counters::get(&counters.beats_acked);
+        let clock = Instant::now();
+        shared.set_measuring(true);
+        let churn = tokio::spawn(workload::churn(
+            shared.clone(),
+            channels.clone(),
+            cfg.duration,
+        ));
+        let queries = tokio::spawn(workload::queries(
+            shared.clone(),
+            channels.clone(),
+            cfg.duration,
+        ));
+        tokio::time::sleep(cfg.duration).await;
+        beats_in_load_window = Counters::get(&counters.beats_acked) - beats;
+        shared.set_measuring(false);
+        load_window_secs = clock.elapsed().as_secs_f64();
+        server.load_end = sampler.server()?;
+        redis.load_end = sampler.redis().await?;
+        loadgen_rss_kb = probe::sample_self().rss_kb;
+        churn.await?;
+        queries.await?;
+    }
 
     shared.set_phase("drain");
     let deadline = Instant::now() + cfg.drain;
@@ -229,7 +244,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         histograms: shared.histos.encode_all(),
         server: (!sampler.pids.is_empty()).then_some(server),
         redis: (!sampler.redis.is_empty()).then_some(redis),
-        loadgen: probe::sample_self(),
+        loadgen: ProcSample {
+            rss_kb: loadgen_rss_kb,
+            cpu_secs: probe::sample_self().cpu_secs,
+        },
         loadgen_secs: started.elapsed().as_secs_f64(),
     })
 }

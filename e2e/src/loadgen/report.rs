@@ -139,7 +139,10 @@ impl MedianReport {
             }
         }
         let mut report = MedianReport {
-            label: runs.first().map(|(_, r)| r.label.clone()).unwrap_or_default(),
+            label: runs
+                .first()
+                .map(|(_, r)| r.label.clone())
+                .unwrap_or_default(),
             runs: runs.len(),
             files: runs.iter().map(|(f, _)| f.clone()).collect(),
             median: BTreeMap::new(),
@@ -316,7 +319,10 @@ pub fn summarize(processes: &[ProcessReport]) -> anyhow::Result<BTreeMap<String,
     }
 
     if let Some(redis) = processes.iter().find_map(|p| p.redis.as_ref()) {
-        let per_beat = ratio(redis.beats_end.saturating_sub(redis.beats_start) as f64, beats);
+        let per_beat = ratio(
+            redis.beats_end.saturating_sub(redis.beats_start) as f64,
+            beats,
+        );
         if let Some(v) = per_beat {
             f.insert("redis_commands_per_beat".into(), v);
         }
@@ -351,7 +357,10 @@ pub fn summarize(processes: &[ProcessReport]) -> anyhow::Result<BTreeMap<String,
     f.insert("resets".into(), sum(|p| p.resets));
     f.insert("goaways".into(), sum(|p| p.goaways));
     f.insert("dropped".into(), sum(|p| p.dropped));
-    f.insert("sessions_alive_at_end".into(), sum(|p| p.sessions_alive_at_end));
+    f.insert(
+        "sessions_alive_at_end".into(),
+        sum(|p| p.sessions_alive_at_end),
+    );
     f.insert("max_lag_ms".into(), max(|p| p.max_lag_ms));
     Ok(f)
 }
@@ -377,7 +386,10 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
         .collect();
     gets.sort();
     for (_, batch) in &gets {
-        groups.push((format!("get_b{batch}"), format!("GetPresence batch {batch}")));
+        groups.push((
+            format!("get_b{batch}"),
+            format!("GetPresence batch {batch}"),
+        ));
     }
     let mut push = |key: String, what: String| rows.push((key, what));
     for (key, what) in [
@@ -390,8 +402,14 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
     ] {
         push(key.into(), what.into());
     }
-    push("beats_per_s".into(), "heartbeats/s (heartbeat-only window)".into());
-    push("beats_per_s_load".into(), "heartbeats/s (load window)".into());
+    push(
+        "beats_per_s".into(),
+        "heartbeats/s (heartbeat-only window)".into(),
+    );
+    push(
+        "beats_per_s_load".into(),
+        "heartbeats/s (load window)".into(),
+    );
     push("changes_per_s".into(), "status changes/s".into());
     push("c2w_events_per_s".into(), "watcher deliveries/s".into());
     push(
@@ -416,11 +434,17 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
     }
     for (key, what) in [
         ("server_rss_idle_mb", "server RSS idle, MiB"),
-        ("server_rss_baseline_mb", "server RSS(0) (contacts set up), MiB"),
+        (
+            "server_rss_baseline_mb",
+            "server RSS(0) (contacts set up), MiB",
+        ),
         ("server_rss_opened_mb", "server RSS(N) (sessions open), MiB"),
         ("server_rss_watching_mb", "server RSS with watchers, MiB"),
         ("server_rss_end_mb", "server RSS at the end, MiB"),
-        ("server_bytes_per_session", "server memory per session, bytes"),
+        (
+            "server_bytes_per_session",
+            "server memory per session, bytes",
+        ),
         (
             "server_bytes_per_connection",
             "server memory per connection, bytes",

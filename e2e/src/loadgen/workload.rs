@@ -48,6 +48,10 @@ pub struct Shared {
     stop: watch::Sender<bool>,
     /// Set just before `stop`: streams ending after it are not resets.
     stopping: AtomicBool,
+    /// Raised during the heartbeat-only and load windows: heartbeat round
+    /// trips are recorded only then, not while the ramp or the watchers'
+    /// snapshots keep the server busy.
+    measuring: AtomicBool,
     pub phase: Mutex<&'static str>,
     /// Heartbeat interval in use (ms), for the report.
     pub beat_interval_ms: AtomicU64,
@@ -100,6 +104,7 @@ impl Shared {
             watchers_of,
             stop: watch::channel(false).0,
             stopping: AtomicBool::new(false),
+            measuring: AtomicBool::new(false),
             phase: Mutex::new("setup"),
             beat_interval_ms: AtomicU64::new(0),
         })
@@ -107,6 +112,11 @@ impl Shared {
 
     pub fn set_phase(&self, phase: &'static str) {
         *self.phase.lock() = phase;
+    }
+
+    /// Whether heartbeat round trips are recorded now.
+    pub fn set_measuring(&self, measuring: bool) {
+        self.measuring.store(measuring, Ordering::Relaxed);
     }
 
     fn stopping(&self) -> bool {
@@ -124,7 +134,9 @@ impl Shared {
     }
 
     fn note_lag(&self, lag_us: u64) {
-        self.counters.max_lag_us.fetch_max(lag_us, Ordering::Relaxed);
+        self.counters
+            .max_lag_us
+            .fetch_max(lag_us, Ordering::Relaxed);
     }
 
     /// Counts a stream that ended before the generator closed it.
@@ -162,16 +174,21 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 }
 
 /// Links every watcher with its contacts, through ContactsService with an
-/// admin token, on every target node: where contacts are node-local the
-/// watcher's node needs them, where they are shared the repeats add nothing.
+/// admin token. Nodes sharing a backend share the contacts, so the first node
+/// is enough; `--contacts-on-every-node` repeats them on each.
 pub async fn setup_contacts(shared: &Arc<Shared>, admin: &[Channel]) -> anyhow::Result<()> {
     let cfg = &shared.cfg;
     if cfg.watchers == 0 {
         return Ok(());
     }
     let watched = cfg.watched_count();
+    let nodes = if cfg.contacts_on_every_node {
+        admin
+    } else {
+        &admin[..admin.len().min(1)]
+    };
     let mut calls = Vec::new();
-    for channel in admin {
+    for channel in nodes {
         for w in 0..cfg.watchers {
             let ids: Vec<String> = contacts_of(w, cfg.contacts, watched)
                 .map(|i| session_user(&cfg.user_prefix, i))
@@ -216,8 +233,8 @@ pub async fn connect_all(shared: &Arc<Shared>) -> Vec<Option<Channel>> {
             async move {
                 let cfg = &shared.cfg;
                 let target = cfg.target[k % cfg.target.len()];
-                let local = (!cfg.source_ip.is_empty())
-                    .then(|| cfg.source_ip[k % cfg.source_ip.len()]);
+                let local =
+                    (!cfg.source_ip.is_empty()).then(|| cfg.source_ip[k % cfg.source_ip.len()]);
                 for attempt in 0..3 {
                     let start = shared.clock.now_us();
                     match connect(target, local, Duration::from_secs(10)).await {
@@ -366,11 +383,7 @@ async fn session(shared: Arc<Shared>, i: usize, channel: Channel, permit: OwnedS
     let start = shared.clock.now_us();
     let (interval_tx, interval_rx) = oneshot::channel();
     let last_sent = Arc::new(AtomicU64::new(0));
-    let mut request = Request::new(beat_stream(
-        shared.clone(),
-        interval_rx,
-        last_sent.clone(),
-    ));
+    let mut request = Request::new(beat_stream(shared.clone(), interval_rx, last_sent.clone()));
     request
         .metadata_mut()
         .insert("authorization", shared.session_tokens[i].clone());
@@ -382,9 +395,8 @@ async fn session(shared: Arc<Shared>, i: usize, channel: Channel, permit: OwnedS
     if let Err(error) = grpc.ready().await {
         return failed(format!("Heartbeat: connection not ready: {error}"));
     }
-    let codec = SmallCodec::<pb::HeartbeatRequest, pb::HeartbeatResponse>::new(
-        shared.cfg.client_buffer,
-    );
+    let codec =
+        SmallCodec::<pb::HeartbeatRequest, pb::HeartbeatResponse>::new(shared.cfg.client_buffer);
     let mut inbound = match grpc
         .streaming(request, PathAndQuery::from_static(HEARTBEAT), codec)
         .await
@@ -415,7 +427,9 @@ async fn session(shared: Arc<Shared>, i: usize, channel: Channel, permit: OwnedS
             Ok(Some(message)) => match message.response {
                 Some(pb::heartbeat_response::Response::Ack(_)) => {
                     let sent = last_sent.load(Ordering::Relaxed);
-                    shared.histos.beat_rtt.record_us(shared.since_us(sent));
+                    if shared.measuring.load(Ordering::Relaxed) {
+                        shared.histos.beat_rtt.record_us(shared.since_us(sent));
+                    }
                     Counters::add(&shared.counters.beats_acked, 1);
                 }
                 Some(pb::heartbeat_response::Response::GoAway(_)) => {
@@ -626,7 +640,9 @@ pub async fn queries(shared: Arc<Shared>, channels: Arc<Vec<Option<Channel>>>, w
                 .await
             {
                 Ok(_) => {
-                    shared.histos.get[which].1.record_us(shared.since_us(due_us));
+                    shared.histos.get[which]
+                        .1
+                        .record_us(shared.since_us(due_us));
                     Counters::add(&shared.counters.gets_ok, 1);
                 }
                 Err(status) => shared.errors.status("GetPresence", &status),
