@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Small per-stream buffers: see `codec::CompactCodec`.
+        .codec_path("crate::codec::CompactCodec")
         .compile_fds(descriptors)?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");

@@ -76,7 +76,12 @@ async fn heartbeat_error(
     let (metadata, extensions, messages) = request.into_parts();
     let outbound = tokio_stream::iter(messages).chain(tokio_stream::pending());
     let request = tonic::Request::from_parts(metadata, extensions, outbound);
-    let mut inbound = server.presence().await.heartbeat(request).await?.into_inner();
+    let mut inbound = server
+        .presence()
+        .await
+        .heartbeat(request)
+        .await?
+        .into_inner();
     let mut received = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(5), inbound.message()).await {
@@ -101,47 +106,105 @@ async fn every_rpc_refuses_missing_and_invalid_tokens() {
             &format!("Heartbeat, {what}"),
         );
         assert_code(
-            presence.touch(with_credentials(pb::TouchRequest { device_id: "d".into(), ..Default::default() }, c)).await,
+            presence
+                .touch(with_credentials(
+                    pb::TouchRequest {
+                        device_id: "d".into(),
+                        ..Default::default()
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("Touch, {what}"),
         );
         assert_code(
-            presence.disconnect(with_credentials(pb::DisconnectRequest { device_id: "d".into() }, c)).await,
+            presence
+                .disconnect(with_credentials(
+                    pb::DisconnectRequest {
+                        device_id: "d".into(),
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("Disconnect, {what}"),
         );
         assert_code(
-            presence.set_status(with_credentials(pb::SetStatusRequest { status: 1, ..Default::default() }, c)).await,
+            presence
+                .set_status(with_credentials(
+                    pb::SetStatusRequest {
+                        status: 1,
+                        ..Default::default()
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("SetStatus, {what}"),
         );
         assert_code(
-            presence.get_presence(with_credentials(pb::GetPresenceRequest { user_ids: vec!["bob".into()] }, c)).await,
+            presence
+                .get_presence(with_credentials(
+                    pb::GetPresenceRequest {
+                        user_ids: vec!["bob".into()],
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("GetPresence, {what}"),
         );
         assert_code(
-            presence.watch_contacts(with_credentials(pb::WatchContactsRequest::default(), c)).await,
+            presence
+                .watch_contacts(with_credentials(pb::WatchContactsRequest::default(), c))
+                .await,
             Code::Unauthenticated,
             &format!("WatchContacts, {what}"),
         );
         assert_code(
-            presence.get_history(with_credentials(pb::GetHistoryRequest { user_id: "bob".into(), ..Default::default() }, c)).await,
+            presence
+                .get_history(with_credentials(
+                    pb::GetHistoryRequest {
+                        user_id: "bob".into(),
+                        ..Default::default()
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("GetHistory, {what}"),
         );
         assert_code(
-            contacts.add_contacts(with_credentials(pb::AddContactsRequest { user_id: "a".into(), contact_ids: vec!["b".into()] }, c)).await,
+            contacts
+                .add_contacts(with_credentials(
+                    pb::AddContactsRequest {
+                        user_id: "a".into(),
+                        contact_ids: vec!["b".into()],
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("AddContacts, {what}"),
         );
         assert_code(
-            contacts.remove_contacts(with_credentials(pb::RemoveContactsRequest { user_id: "a".into(), contact_ids: vec!["b".into()] }, c)).await,
+            contacts
+                .remove_contacts(with_credentials(
+                    pb::RemoveContactsRequest {
+                        user_id: "a".into(),
+                        contact_ids: vec!["b".into()],
+                    },
+                    c,
+                ))
+                .await,
             Code::Unauthenticated,
             &format!("RemoveContacts, {what}"),
         );
         assert_code(
-            contacts.list_contacts(with_credentials(pb::ListContactsRequest::default(), c)).await,
+            contacts
+                .list_contacts(with_credentials(pb::ListContactsRequest::default(), c))
+                .await,
             Code::Unauthenticated,
             &format!("ListContacts, {what}"),
         );
@@ -159,38 +222,104 @@ async fn users_cannot_touch_what_is_not_theirs() {
     let alice_token = token(&alice);
 
     assert_code(
-        contacts.add_contacts(authed(pb::AddContactsRequest { user_id: alice.clone(), contact_ids: vec![carol.clone()] }, &alice_token)).await,
+        contacts
+            .add_contacts(authed(
+                pb::AddContactsRequest {
+                    user_id: alice.clone(),
+                    contact_ids: vec![carol.clone()],
+                },
+                &alice_token,
+            ))
+            .await,
         Code::PermissionDenied,
         "AddContacts without the admin scope",
     );
     assert_code(
-        contacts.remove_contacts(authed(pb::RemoveContactsRequest { user_id: alice.clone(), contact_ids: vec![bob.clone()] }, &alice_token)).await,
+        contacts
+            .remove_contacts(authed(
+                pb::RemoveContactsRequest {
+                    user_id: alice.clone(),
+                    contact_ids: vec![bob.clone()],
+                },
+                &alice_token,
+            ))
+            .await,
         Code::PermissionDenied,
         "RemoveContacts without the admin scope",
     );
     assert_code(
-        contacts.list_contacts(authed(pb::ListContactsRequest { user_id: bob.clone() }, &alice_token)).await,
+        contacts
+            .list_contacts(authed(
+                pb::ListContactsRequest {
+                    user_id: bob.clone(),
+                },
+                &alice_token,
+            ))
+            .await,
         Code::PermissionDenied,
         "ListContacts of another user",
     );
     assert_code(
-        presence.get_history(authed(pb::GetHistoryRequest { user_id: carol.clone(), ..Default::default() }, &alice_token)).await,
+        presence
+            .get_history(authed(
+                pb::GetHistoryRequest {
+                    user_id: carol.clone(),
+                    ..Default::default()
+                },
+                &alice_token,
+            ))
+            .await,
         Code::PermissionDenied,
         "GetHistory of a stranger",
     );
     assert_code(
-        presence.watch_contacts(authed(pb::WatchContactsRequest { user_ids: vec![carol.clone()], ..Default::default() }, &alice_token)).await,
+        presence
+            .watch_contacts(authed(
+                pb::WatchContactsRequest {
+                    user_ids: vec![carol.clone()],
+                    ..Default::default()
+                },
+                &alice_token,
+            ))
+            .await,
         Code::PermissionDenied,
         "WatchContacts naming users without the admin scope",
     );
 
     // What is allowed: her own contacts, her contacts' history, and anything
     // for an admin.
-    let own = contacts.list_contacts(authed(pb::ListContactsRequest::default(), &alice_token)).await.unwrap();
+    let own = contacts
+        .list_contacts(authed(pb::ListContactsRequest::default(), &alice_token))
+        .await
+        .unwrap();
     assert_eq!(own.into_inner().contact_ids, vec![bob.clone()]);
-    presence.get_history(authed(pb::GetHistoryRequest { user_id: bob.clone(), ..Default::default() }, &alice_token)).await.unwrap();
-    presence.get_history(authed(pb::GetHistoryRequest { user_id: carol.clone(), ..Default::default() }, &admin_token())).await.unwrap();
-    contacts.list_contacts(authed(pb::ListContactsRequest { user_id: bob }, &admin_token())).await.unwrap();
+    presence
+        .get_history(authed(
+            pb::GetHistoryRequest {
+                user_id: bob.clone(),
+                ..Default::default()
+            },
+            &alice_token,
+        ))
+        .await
+        .unwrap();
+    presence
+        .get_history(authed(
+            pb::GetHistoryRequest {
+                user_id: carol.clone(),
+                ..Default::default()
+            },
+            &admin_token(),
+        ))
+        .await
+        .unwrap();
+    contacts
+        .list_contacts(authed(
+            pb::ListContactsRequest { user_id: bob },
+            &admin_token(),
+        ))
+        .await
+        .unwrap();
     server.stop().await;
 }
 
@@ -207,10 +336,16 @@ async fn malformed_and_oversized_input_is_refused() {
     // Heartbeat: the first message must be an open, with a valid device.
     for (what, messages) in [
         ("first message a beat", vec![beat(1)]),
-        ("empty request", vec![pb::HeartbeatRequest { request: None }]),
+        (
+            "empty request",
+            vec![pb::HeartbeatRequest { request: None }],
+        ),
         ("empty device id", vec![open("")]),
         ("oversized device id", vec![open(&long_id)]),
-        ("control characters in the device id", vec![open("dev\u{0}ice")]),
+        (
+            "control characters in the device id",
+            vec![open("dev\u{0}ice")],
+        ),
         ("a second open", vec![open("d"), open("d")]),
         (
             "an unknown platform",
@@ -224,20 +359,30 @@ async fn malformed_and_oversized_input_is_refused() {
         ),
         (
             "an unknown activity in a beat",
-            vec![open("d"), pb::HeartbeatRequest {
-                request: Some(heartbeat_request::Request::Beat(pb::SessionBeat { seq: 1, activity: 7, ..Default::default() })),
-            }],
+            vec![
+                open("d"),
+                pb::HeartbeatRequest {
+                    request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
+                        seq: 1,
+                        activity: 7,
+                        ..Default::default()
+                    })),
+                },
+            ],
         ),
         (
             "a custom message over the limit",
-            vec![open("d"), pb::HeartbeatRequest {
-                request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
-                    seq: 1,
-                    status: pb::UserStatus::Busy as i32,
-                    custom_message: "m".repeat(257),
-                    ..Default::default()
-                })),
-            }],
+            vec![
+                open("d"),
+                pb::HeartbeatRequest {
+                    request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
+                        seq: 1,
+                        status: pb::UserStatus::Busy as i32,
+                        custom_message: "m".repeat(257),
+                        ..Default::default()
+                    })),
+                },
+            ],
         ),
     ] {
         assert_code(
@@ -247,59 +392,192 @@ async fn malformed_and_oversized_input_is_refused() {
         );
     }
 
-    assert_code(presence.touch(authed(pb::TouchRequest::default(), &t)).await, Code::InvalidArgument, "Touch without a device");
     assert_code(
-        presence.touch(authed(pb::TouchRequest { device_id: "d".into(), platform: 42, ..Default::default() }, &t)).await,
+        presence
+            .touch(authed(pb::TouchRequest::default(), &t))
+            .await,
+        Code::InvalidArgument,
+        "Touch without a device",
+    );
+    assert_code(
+        presence
+            .touch(authed(
+                pb::TouchRequest {
+                    device_id: "d".into(),
+                    platform: 42,
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "Touch with an unknown platform",
     );
-    assert_code(presence.disconnect(authed(pb::DisconnectRequest { device_id: long_id.clone() }, &t)).await, Code::InvalidArgument, "Disconnect, oversized id");
-    assert_code(presence.set_status(authed(pb::SetStatusRequest::default(), &t)).await, Code::InvalidArgument, "SetStatus without a status");
     assert_code(
-        presence.set_status(authed(pb::SetStatusRequest { status: 9, ..Default::default() }, &t)).await,
+        presence
+            .disconnect(authed(
+                pb::DisconnectRequest {
+                    device_id: long_id.clone(),
+                },
+                &t,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "Disconnect, oversized id",
+    );
+    assert_code(
+        presence
+            .set_status(authed(pb::SetStatusRequest::default(), &t))
+            .await,
+        Code::InvalidArgument,
+        "SetStatus without a status",
+    );
+    assert_code(
+        presence
+            .set_status(authed(
+                pb::SetStatusRequest {
+                    status: 9,
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "SetStatus with an unknown status",
     );
     assert_code(
-        presence.set_status(authed(pb::SetStatusRequest { status: 1, custom_message: "m".repeat(257) }, &t)).await,
+        presence
+            .set_status(authed(
+                pb::SetStatusRequest {
+                    status: 1,
+                    custom_message: "m".repeat(257),
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "SetStatus with an oversized message",
     );
-    assert_code(presence.get_presence(authed(pb::GetPresenceRequest::default(), &t)).await, Code::InvalidArgument, "GetPresence, no ids");
-    assert_code(presence.get_presence(authed(pb::GetPresenceRequest { user_ids: many.clone() }, &t)).await, Code::InvalidArgument, "GetPresence, batch too large");
-    assert_code(presence.get_presence(authed(pb::GetPresenceRequest { user_ids: vec![String::new()] }, &t)).await, Code::InvalidArgument, "GetPresence, empty id");
     assert_code(
-        presence.get_history(authed(pb::GetHistoryRequest { user_id: alice.clone(), page_size: 5000, ..Default::default() }, &t)).await,
+        presence
+            .get_presence(authed(pb::GetPresenceRequest::default(), &t))
+            .await,
+        Code::InvalidArgument,
+        "GetPresence, no ids",
+    );
+    assert_code(
+        presence
+            .get_presence(authed(
+                pb::GetPresenceRequest {
+                    user_ids: many.clone(),
+                },
+                &t,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "GetPresence, batch too large",
+    );
+    assert_code(
+        presence
+            .get_presence(authed(
+                pb::GetPresenceRequest {
+                    user_ids: vec![String::new()],
+                },
+                &t,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "GetPresence, empty id",
+    );
+    assert_code(
+        presence
+            .get_history(authed(
+                pb::GetHistoryRequest {
+                    user_id: alice.clone(),
+                    page_size: 5000,
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "GetHistory, page too large",
     );
     assert_code(
-        presence.get_history(authed(pb::GetHistoryRequest { user_id: alice.clone(), page_token: "not-a-token".into(), ..Default::default() }, &t)).await,
+        presence
+            .get_history(authed(
+                pb::GetHistoryRequest {
+                    user_id: alice.clone(),
+                    page_token: "not-a-token".into(),
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "GetHistory, foreign page token",
     );
     assert_code(
-        presence.get_history(authed(pb::GetHistoryRequest { user_id: alice.clone(), from_unix_ms: 2_000, to_unix_ms: 1_000, ..Default::default() }, &t)).await,
+        presence
+            .get_history(authed(
+                pb::GetHistoryRequest {
+                    user_id: alice.clone(),
+                    from_unix_ms: 2_000,
+                    to_unix_ms: 1_000,
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::InvalidArgument,
         "GetHistory, window ends before it starts",
     );
     assert_code(
-        contacts.add_contacts(authed(pb::AddContactsRequest { user_id: alice.clone(), contact_ids: many }, &admin_token())).await,
+        contacts
+            .add_contacts(authed(
+                pb::AddContactsRequest {
+                    user_id: alice.clone(),
+                    contact_ids: many,
+                },
+                &admin_token(),
+            ))
+            .await,
         Code::InvalidArgument,
         "AddContacts, batch too large",
     );
     assert_code(
-        contacts.add_contacts(authed(pb::AddContactsRequest { user_id: String::new(), contact_ids: vec!["b".into()] }, &admin_token())).await,
+        contacts
+            .add_contacts(authed(
+                pb::AddContactsRequest {
+                    user_id: String::new(),
+                    contact_ids: vec!["b".into()],
+                },
+                &admin_token(),
+            ))
+            .await,
         Code::InvalidArgument,
         "AddContacts, no user",
     );
     assert_code(
-        contacts.remove_contacts(authed(pb::RemoveContactsRequest { user_id: alice.clone(), contact_ids: vec![] }, &admin_token())).await,
+        contacts
+            .remove_contacts(authed(
+                pb::RemoveContactsRequest {
+                    user_id: alice.clone(),
+                    contact_ids: vec![],
+                },
+                &admin_token(),
+            ))
+            .await,
         Code::InvalidArgument,
         "RemoveContacts, no ids",
     );
     assert_code(
-        contacts.list_contacts(authed(pb::ListContactsRequest { user_id: long_id }, &admin_token())).await,
+        contacts
+            .list_contacts(authed(
+                pb::ListContactsRequest { user_id: long_id },
+                &admin_token(),
+            ))
+            .await,
         Code::InvalidArgument,
         "ListContacts, oversized id",
     );
@@ -308,40 +586,90 @@ async fn malformed_and_oversized_input_is_refused() {
 
 #[tokio::test]
 async fn limits_answer_resource_exhausted() {
-    let server = TestServer::start_with(&["--max-sessions-per-user", "2", "--max-watches-per-user", "1", "--max-contacts", "2"]).await;
+    let server = TestServer::start_with(&[
+        "--max-sessions-per-user",
+        "2",
+        "--max-watches-per-user",
+        "1",
+        "--max-contacts",
+        "2",
+    ])
+    .await;
     let alice = user("alice");
     let t = token(&alice);
 
     // A third device.
     let mut presence = server.presence().await;
     for device in ["one", "two"] {
-        presence.touch(authed(pb::TouchRequest { device_id: device.into(), ..Default::default() }, &t)).await.unwrap();
+        presence
+            .touch(authed(
+                pb::TouchRequest {
+                    device_id: device.into(),
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await
+            .unwrap();
     }
     assert_code(
-        presence.touch(authed(pb::TouchRequest { device_id: "three".into(), ..Default::default() }, &t)).await,
+        presence
+            .touch(authed(
+                pb::TouchRequest {
+                    device_id: "three".into(),
+                    ..Default::default()
+                },
+                &t,
+            ))
+            .await,
         Code::ResourceExhausted,
         "a device over the per-user limit",
     );
 
     // A second watch.
-    let _first = presence.watch_contacts(authed(pb::WatchContactsRequest::default(), &t)).await.unwrap();
-    let mut second = presence.watch_contacts(authed(pb::WatchContactsRequest::default(), &t)).await;
+    let _first = presence
+        .watch_contacts(authed(pb::WatchContactsRequest::default(), &t))
+        .await
+        .unwrap();
+    let mut second = presence
+        .watch_contacts(authed(pb::WatchContactsRequest::default(), &t))
+        .await;
     if let Ok(stream) = &mut second {
         let first_item = stream.get_mut().message().await;
-        assert_code(first_item, Code::ResourceExhausted, "a watch over the per-user limit");
+        assert_code(
+            first_item,
+            Code::ResourceExhausted,
+            "a watch over the per-user limit",
+        );
     } else {
-        assert_code(second, Code::ResourceExhausted, "a watch over the per-user limit");
+        assert_code(
+            second,
+            Code::ResourceExhausted,
+            "a watch over the per-user limit",
+        );
     }
 
     // Too many contacts.
     assert_code(
-        server.contacts().await.add_contacts(authed(pb::AddContactsRequest { user_id: alice.clone(), contact_ids: vec!["a".into(), "b".into(), "c".into()] }, &admin_token())).await,
+        server
+            .contacts()
+            .await
+            .add_contacts(authed(
+                pb::AddContactsRequest {
+                    user_id: alice.clone(),
+                    contact_ids: vec!["a".into(), "b".into(), "c".into()],
+                },
+                &admin_token(),
+            ))
+            .await,
         Code::ResourceExhausted,
         "contacts over the limit",
     );
 
     // Beats faster than allowed end that stream, and only that stream.
-    let flood: Vec<_> = std::iter::once(open("flood")).chain((0..50).map(beat)).collect();
+    let flood: Vec<_> = std::iter::once(open("flood"))
+        .chain((0..50).map(beat))
+        .collect();
     let bob = user("bob");
     assert_code(
         heartbeat_error(&server, authed(flood, &token(&bob))).await,
@@ -364,31 +692,49 @@ async fn bad_input_on_one_stream_leaves_other_streams_alone() {
         .into_inner();
     // Snapshot: bob (never seen), then the end of the snapshot.
     while let Some(event) = watch.message().await.unwrap() {
-        if matches!(event.event, Some(presence_event::Event::SnapshotComplete(_))) {
+        if matches!(
+            event.event,
+            Some(presence_event::Event::SnapshotComplete(_))
+        ) {
             break;
         }
     }
 
     // Mallory misbehaves on the same connection and on her own.
     for messages in [vec![beat(1)], vec![open("")], vec![open("m"), open("m")]] {
-        assert!(heartbeat_error(&server, authed(messages, &token(&mallory))).await.is_err());
+        assert!(
+            heartbeat_error(&server, authed(messages, &token(&mallory)))
+                .await
+                .is_err()
+        );
     }
     presence
-        .set_status(authed(pb::SetStatusRequest { status: 77, ..Default::default() }, &token(&mallory)))
+        .set_status(authed(
+            pb::SetStatusRequest {
+                status: 77,
+                ..Default::default()
+            },
+            &token(&mallory),
+        ))
         .await
         .unwrap_err();
 
     // Bob comes online; alice's stream still works.
     let (beats, outbound) = tokio::sync::mpsc::channel(4);
     beats.send(open("phone")).await.unwrap();
-    let request = authed(tokio_stream::wrappers::ReceiverStream::new(outbound), &token(&bob));
+    let request = authed(
+        tokio_stream::wrappers::ReceiverStream::new(outbound),
+        &token(&bob),
+    );
     let _bob_session = presence.heartbeat(request).await.unwrap().into_inner();
     let event = tokio::time::timeout(support::VISIBLE_WITHIN, watch.message())
         .await
         .expect("alice's watch still delivers")
         .unwrap()
         .unwrap();
-    let Some(presence_event::Event::Presence(p)) = event.event else { panic!("{event:?}") };
+    let Some(presence_event::Event::Presence(p)) = event.event else {
+        panic!("{event:?}")
+    };
     assert_eq!(p.user_id, bob);
     assert_eq!(p.status, pb::VisibleStatus::Online as i32);
     server.stop().await;

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
-use presence_sdk::{Activity, OfflineReason, PresenceUpdate, SessionOptions, UserStatus, VisibleStatus};
+use presence_sdk::{
+    Activity, OfflineReason, PresenceUpdate, SessionOptions, UserStatus, VisibleStatus,
+};
 use support::*;
 
 fn is(status: VisibleStatus) -> impl Fn(&presence_sdk::Presence) -> bool {
@@ -36,10 +38,22 @@ impl RawSession {
             })
             .await
             .unwrap();
-        let request = authed(tokio_stream::wrappers::ReceiverStream::new(rx), &token(user));
-        let mut inbound = server.presence().await.heartbeat(request).await.unwrap().into_inner();
+        let request = authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &token(user),
+        );
+        let mut inbound = server
+            .presence()
+            .await
+            .heartbeat(request)
+            .await
+            .unwrap()
+            .into_inner();
         let opened = inbound.message().await.unwrap().unwrap();
-        assert!(matches!(opened.response, Some(pb::heartbeat_response::Response::Opened(_))));
+        assert!(matches!(
+            opened.response,
+            Some(pb::heartbeat_response::Response::Opened(_))
+        ));
         RawSession { outbound, inbound }
     }
 }
@@ -58,8 +72,17 @@ async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() 
 
     let bob_phone = client(&server, &bob, "bob-phone").await;
     let mut latencies = Vec::new();
-    bob_phone.start_session(SessionOptions::default()).await.unwrap();
-    let (online, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    bob_phone
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    let (online, took) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     latencies.push(took);
     assert!(online.version > 0);
     assert!(online.devices.is_empty(), "contacts never see devices");
@@ -69,26 +92,52 @@ async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() 
     latencies.push(took);
     assert!(idle.version > online.version);
 
-    bob_phone.set_status(UserStatus::Busy, "in a meeting").await.unwrap();
+    bob_phone
+        .set_status(UserStatus::Busy, "in a meeting")
+        .await
+        .unwrap();
     let (busy, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Busy)).await;
     latencies.push(took);
     assert_eq!(busy.custom_message, "in a meeting");
 
-    bob_phone.set_status(UserStatus::Invisible, "").await.unwrap();
-    let (hidden, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    bob_phone
+        .set_status(UserStatus::Invisible, "")
+        .await
+        .unwrap();
+    let (hidden, took) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     latencies.push(took);
-    assert_eq!(hidden.offline_reason(), OfflineReason::Logout, "invisible looks like a logout");
+    assert_eq!(
+        hidden.offline_reason(),
+        OfflineReason::Logout,
+        "invisible looks like a logout"
+    );
 
     bob_phone.set_status(UserStatus::Online, "").await.unwrap();
     wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
     bob_phone.end_session().await.unwrap();
-    let (offline, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    let (offline, took) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     latencies.push(took);
     assert_eq!(offline.offline_reason(), OfflineReason::Logout);
     assert!(offline.last_seen_unix_ms > 0);
 
     latencies.sort();
-    println!("change-to-watcher latency through the SDK: min {:?}, max {:?}", latencies[0], latencies[latencies.len() - 1]);
+    println!(
+        "change-to-watcher latency through the SDK: min {:?}, max {:?}",
+        latencies[0],
+        latencies[latencies.len() - 1]
+    );
     server.stop().await;
 }
 
@@ -101,11 +150,26 @@ async fn an_idle_phone_and_an_active_laptop_make_the_user_online() {
     snapshot(&mut updates).await;
 
     let phone = client(&server, &bob, "phone").await;
-    phone.start_session(SessionOptions { activity: Activity::Idle, ..Default::default() }).await.unwrap();
+    phone
+        .start_session(SessionOptions {
+            activity: Activity::Idle,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
     let laptop = client(&server, &bob, "laptop").await;
-    laptop.start_session(SessionOptions::default()).await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    laptop
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
 
     let own = laptop.get_one(&bob).await.unwrap();
     assert_eq!(own.devices.len(), 2, "the user sees their own devices");
@@ -113,7 +177,13 @@ async fn an_idle_phone_and_an_active_laptop_make_the_user_online() {
     laptop.end_session().await.unwrap();
     wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
     phone.end_session().await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     server.stop().await;
 }
 
@@ -128,13 +198,28 @@ async fn a_client_that_vanishes_goes_offline_after_its_lease() {
     // The stream stays open but no beat ever comes: a frozen client.
     let frozen = RawSession::open(&server, &bob, "phone").await;
     let started = std::time::Instant::now();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     let bound = LEASE + SWEEP;
-    let (offline, _) = wait_for(&mut updates, &bob, bound + VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    let (offline, _) = wait_for(
+        &mut updates,
+        &bob,
+        bound + VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     let took = started.elapsed();
     assert_eq!(offline.offline_reason(), OfflineReason::LeaseExpired);
     assert!(took >= LEASE, "not before the lease ran out ({took:?})");
-    assert!(took <= bound + Duration::from_millis(500), "within the staleness bound ({took:?})");
+    assert!(
+        took <= bound + Duration::from_millis(500),
+        "within the staleness bound ({took:?})"
+    );
     drop(frozen);
     server.stop().await;
 }
@@ -148,10 +233,22 @@ async fn a_dropped_stream_goes_offline_after_the_grace_period() {
     snapshot(&mut updates).await;
 
     let session = RawSession::open(&server, &bob, "phone").await;
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     let dropped = std::time::Instant::now();
     drop(session);
-    let (offline, _) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    let (offline, _) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     assert_eq!(offline.offline_reason(), OfflineReason::ConnectionClosed);
     assert!(dropped.elapsed() >= GRACE, "not before the grace period");
     server.stop().await;
@@ -166,7 +263,13 @@ async fn a_reconnect_within_the_grace_period_causes_no_offline_event() {
     snapshot(&mut updates).await;
 
     let first = RawSession::open(&server, &bob, "phone").await;
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     drop(first);
     tokio::time::sleep(GRACE / 4).await;
     let second = RawSession::open(&server, &bob, "phone").await;
@@ -186,7 +289,13 @@ async fn touch_keeps_a_browser_session_and_disconnect_ends_it_at_once() {
     let browser = client(&server, &bob, "tab").await;
     let answer = browser.touch(Activity::Active).await.unwrap();
     assert_eq!(u128::from(answer.lease_ms), LEASE.as_millis());
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     // Touching at the interval keeps it online past the lease.
     for _ in 0..4 {
         tokio::time::sleep(HEARTBEAT).await;
@@ -194,14 +303,29 @@ async fn touch_keeps_a_browser_session_and_disconnect_ends_it_at_once() {
     }
     assert_quiet(&mut updates, &bob, Duration::from_millis(50)).await;
     browser.disconnect().await.unwrap();
-    let (offline, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    let (offline, took) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     assert_eq!(offline.offline_reason(), OfflineReason::Logout);
-    assert!(took < GRACE, "a logout does not wait for the grace period ({took:?})");
+    assert!(
+        took < GRACE,
+        "a logout does not wait for the grace period ({took:?})"
+    );
 
     // A browser that stops touching expires with its lease.
     browser.touch(Activity::Idle).await.unwrap();
     wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
-    let (expired, _) = wait_for(&mut updates, &bob, LEASE + VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    let (expired, _) = wait_for(
+        &mut updates,
+        &bob,
+        LEASE + VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
     assert_eq!(expired.offline_reason(), OfflineReason::LeaseExpired);
     server.stop().await;
 }
@@ -216,16 +340,40 @@ async fn invisible_users_leak_nothing_to_contacts() {
     snapshot(&mut updates).await;
 
     let phone = client(&server, &bob, "phone").await;
-    phone.start_session(SessionOptions::default()).await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
-    phone.set_status(UserStatus::Invisible, "hiding").await.unwrap();
-    let (hidden, _) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Offline)).await;
+    phone
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
+    phone
+        .set_status(UserStatus::Invisible, "hiding")
+        .await
+        .unwrap();
+    let (hidden, _) = wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Offline),
+    )
+    .await;
 
     // While invisible, bob does everything a user does.
     phone.set_activity(Activity::Idle).unwrap();
     let laptop = client(&server, &bob, "laptop").await;
-    laptop.start_session(SessionOptions::default()).await.unwrap();
-    phone.set_status(UserStatus::Invisible, "still hiding").await.unwrap();
+    laptop
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    phone
+        .set_status(UserStatus::Invisible, "still hiding")
+        .await
+        .unwrap();
     laptop.end_session().await.unwrap();
     assert_quiet(&mut updates, &bob, Duration::from_millis(800)).await;
 
@@ -235,9 +383,15 @@ async fn invisible_users_leak_nothing_to_contacts() {
     assert_eq!(seen.offline_reason(), OfflineReason::Logout);
     assert!(seen.devices.is_empty());
     assert_eq!(seen.chosen_status(), UserStatus::Unspecified);
-    let history: Vec<_> = watcher.get_history(&bob, None, None).collect::<Vec<_>>().await;
+    let history: Vec<_> = watcher
+        .get_history(&bob, None, None)
+        .collect::<Vec<_>>()
+        .await;
     let last = history.last().unwrap().as_ref().unwrap();
-    assert_eq!(last.version, hidden.version, "no history entry while invisible");
+    assert_eq!(
+        last.version, hidden.version,
+        "no history entry while invisible"
+    );
     assert_eq!(last.offline_reason(), OfflineReason::Logout);
 
     // Bob himself sees the truth.
@@ -253,8 +407,14 @@ async fn non_contacts_learn_nothing() {
     let server = TestServer::start().await;
     let (bob, carol) = (user("bob"), user("carol"));
     let phone = client(&server, &bob, "phone").await;
-    phone.start_session(SessionOptions::default()).await.unwrap();
-    phone.set_status(UserStatus::Busy, "secret plans").await.unwrap();
+    phone
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    phone
+        .set_status(UserStatus::Busy, "secret plans")
+        .await
+        .unwrap();
 
     let stranger = client(&server, &carol, "c").await;
     let seen = stranger.get_one(&bob).await.unwrap();
@@ -262,7 +422,11 @@ async fn non_contacts_learn_nothing() {
     assert_eq!((seen.version, seen.last_seen_unix_ms), (0, 0));
     assert!(seen.custom_message.is_empty());
     let unknown = stranger.get_one(&user("nobody")).await.unwrap();
-    assert_eq!((seen.status, seen.version), (unknown.status, unknown.version), "indistinguishable from a user who does not exist");
+    assert_eq!(
+        (seen.status, seen.version),
+        (unknown.status, unknown.version),
+        "indistinguishable from a user who does not exist"
+    );
     assert!(matches!(
         stranger.get_history(&bob, None, None).next().await,
         Some(Err(presence_sdk::Error::PermissionDenied(_)))
@@ -285,8 +449,20 @@ async fn a_resumed_watch_gets_only_what_it_missed() {
         device.set_status(status, "").await.unwrap();
     }
     let mut presence = server.presence().await;
-    let watch = |known: HashMap<String, u64>| authed(pb::WatchContactsRequest { user_ids: vec![], known_versions: known }, &token(&alice));
-    let mut first = presence.watch_contacts(watch(HashMap::new())).await.unwrap().into_inner();
+    let watch = |known: HashMap<String, u64>| {
+        authed(
+            pb::WatchContactsRequest {
+                user_ids: vec![],
+                known_versions: known,
+            },
+            &token(&alice),
+        )
+    };
+    let mut first = presence
+        .watch_contacts(watch(HashMap::new()))
+        .await
+        .unwrap()
+        .into_inner();
     let mut held = HashMap::new();
     while let Some(event) = first.message().await.unwrap() {
         match event.event.unwrap() {
@@ -303,11 +479,27 @@ async fn a_resumed_watch_gets_only_what_it_missed() {
     drop(first);
 
     // While disconnected: bob changes, dave does not, erin is no contact any more.
-    client(&server, &bob, "d").await.set_status(UserStatus::Busy, "back soon").await.unwrap();
-    let removal = pb::RemoveContactsRequest { user_id: alice.clone(), contact_ids: vec![erin.clone()] };
-    server.contacts().await.remove_contacts(authed(removal, &admin_token())).await.unwrap();
+    client(&server, &bob, "d")
+        .await
+        .set_status(UserStatus::Busy, "back soon")
+        .await
+        .unwrap();
+    let removal = pb::RemoveContactsRequest {
+        user_id: alice.clone(),
+        contact_ids: vec![erin.clone()],
+    };
+    server
+        .contacts()
+        .await
+        .remove_contacts(authed(removal, &admin_token()))
+        .await
+        .unwrap();
 
-    let mut resumed = presence.watch_contacts(watch(held)).await.unwrap().into_inner();
+    let mut resumed = presence
+        .watch_contacts(watch(held))
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     while let Some(event) = resumed.message().await.unwrap() {
         match event.event.unwrap() {
@@ -320,7 +512,11 @@ async fn a_resumed_watch_gets_only_what_it_missed() {
     }
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(events.iter().any(|e| matches!(e, presence_event::Event::Presence(p) if p.user_id == bob && p.custom_message == "back soon")));
-    assert!(events.iter().any(|e| matches!(e, presence_event::Event::ContactRemoved(r) if r.user_id == erin)));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, presence_event::Event::ContactRemoved(r) if r.user_id == erin))
+    );
     server.stop().await;
 }
 
@@ -329,20 +525,46 @@ async fn contacts_added_or_removed_join_or_leave_open_watches() {
     let server = TestServer::start().await;
     let (alice, bob) = (user("alice"), user("bob"));
     let bob_device = client(&server, &bob, "d").await;
-    bob_device.start_session(SessionOptions::default()).await.unwrap();
+    bob_device
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
     let alice_client = client(&server, &alice, "a").await;
     let mut updates = alice_client.watch_contacts();
     assert!(snapshot(&mut updates).await.is_empty());
 
     befriend(&server, &alice, &[&bob]).await;
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Online)).await;
+    wait_for(
+        &mut updates,
+        &bob,
+        VISIBLE_WITHIN,
+        is(VisibleStatus::Online),
+    )
+    .await;
     bob_device.set_activity(Activity::Idle).unwrap();
     wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
 
-    let removal = pb::RemoveContactsRequest { user_id: bob.clone(), contact_ids: vec![alice.clone()] };
-    server.contacts().await.remove_contacts(authed(removal, &admin_token())).await.unwrap();
-    let removed = tokio::time::timeout(VISIBLE_WITHIN, updates.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(removed, PresenceUpdate::ContactRemoved { user_id: bob.clone() });
+    let removal = pb::RemoveContactsRequest {
+        user_id: bob.clone(),
+        contact_ids: vec![alice.clone()],
+    };
+    server
+        .contacts()
+        .await
+        .remove_contacts(authed(removal, &admin_token()))
+        .await
+        .unwrap();
+    let removed = tokio::time::timeout(VISIBLE_WITHIN, updates.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        removed,
+        PresenceUpdate::ContactRemoved {
+            user_id: bob.clone()
+        }
+    );
     bob_device.set_activity(Activity::Active).unwrap();
     assert_quiet(&mut updates, &bob, Duration::from_millis(500)).await;
     server.stop().await;
@@ -368,16 +590,26 @@ async fn a_slow_watcher_gets_coalesced_updates_not_a_growing_buffer() {
         .into_inner();
 
     let bob_device = client(&server, &bob, "d").await;
-    bob_device.start_session(SessionOptions::default()).await.unwrap();
+    bob_device
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
     const CHANGES: usize = 2000;
     for i in 0..CHANGES {
-        bob_device.set_status(UserStatus::Busy, format!("change {i}")).await.unwrap();
+        bob_device
+            .set_status(UserStatus::Busy, format!("change {i}"))
+            .await
+            .unwrap();
     }
     let last = format!("change {}", CHANGES - 1);
 
     let mut received = 0;
     loop {
-        let event = tokio::time::timeout(VISIBLE_WITHIN, stream.message()).await.unwrap().unwrap().unwrap();
+        let event = tokio::time::timeout(VISIBLE_WITHIN, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Some(presence_event::Event::Presence(p)) = event.event {
             received += 1;
             if p.custom_message == last {
@@ -386,7 +618,10 @@ async fn a_slow_watcher_gets_coalesced_updates_not_a_growing_buffer() {
         }
     }
     println!("slow watcher: {received} events for {CHANGES} changes");
-    assert!(received < CHANGES / 4, "coalesced: {received} events for {CHANGES} changes");
+    assert!(
+        received < CHANGES / 4,
+        "coalesced: {received} events for {CHANGES} changes"
+    );
     server.stop().await;
 }
 
@@ -396,7 +631,10 @@ async fn history_lists_visible_changes_with_reasons_page_by_page() {
     let (alice, bob) = (user("alice"), user("bob"));
     befriend(&server, &alice, &[&bob]).await;
     let phone = client(&server, &bob, "phone").await;
-    phone.start_session(SessionOptions::default()).await.unwrap();
+    phone
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
     phone.set_status(UserStatus::Busy, "lunch").await.unwrap();
     phone.end_session().await.unwrap();
 
@@ -406,7 +644,10 @@ async fn history_lists_visible_changes_with_reasons_page_by_page() {
         .map(Result::unwrap)
         .collect()
         .await;
-    let statuses: Vec<_> = entries.iter().map(|e| (e.status(), e.custom_message.as_str(), e.offline_reason())).collect();
+    let statuses: Vec<_> = entries
+        .iter()
+        .map(|e| (e.status(), e.custom_message.as_str(), e.offline_reason()))
+        .collect();
     assert_eq!(
         statuses,
         vec![
@@ -417,9 +658,15 @@ async fn history_lists_visible_changes_with_reasons_page_by_page() {
     );
     assert!(entries.windows(2).all(|w| w[0].version < w[1].version));
 
-    let first = watcher.get_history_page(&bob, None, None, 2, "").await.unwrap();
+    let first = watcher
+        .get_history_page(&bob, None, None, 2, "")
+        .await
+        .unwrap();
     assert_eq!(first.entries.len(), 2);
-    let second = watcher.get_history_page(&bob, None, None, 2, &first.next_page_token).await.unwrap();
+    let second = watcher
+        .get_history_page(&bob, None, None, 2, &first.next_page_token)
+        .await
+        .unwrap();
     assert_eq!(second.entries.len(), 1);
     assert!(second.next_page_token.is_empty());
     server.stop().await;
@@ -439,15 +686,30 @@ async fn draining_tells_streams_to_go_away() {
         .unwrap()
         .into_inner();
     while let Some(event) = watch.message().await.unwrap() {
-        if matches!(event.event, Some(presence_event::Event::SnapshotComplete(_))) {
+        if matches!(
+            event.event,
+            Some(presence_event::Event::SnapshotComplete(_))
+        ) {
             break;
         }
     }
 
     server.drain();
-    let go_away = tokio::time::timeout(VISIBLE_WITHIN, session.inbound.message()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(go_away.response, Some(pb::heartbeat_response::Response::GoAway(_))), "{go_away:?}");
-    let ended = tokio::time::timeout(VISIBLE_WITHIN, watch.message()).await.unwrap();
+    let go_away = tokio::time::timeout(VISIBLE_WITHIN, session.inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            go_away.response,
+            Some(pb::heartbeat_response::Response::GoAway(_))
+        ),
+        "{go_away:?}"
+    );
+    let ended = tokio::time::timeout(VISIBLE_WITHIN, watch.message())
+        .await
+        .unwrap();
     assert_eq!(ended.unwrap_err().code(), tonic::Code::Unavailable);
     drop(session.outbound);
     server.stop().await;

@@ -8,17 +8,23 @@ use presence_proto::v1 as pb;
 use presence_proto::v1::presence_service_client::PresenceServiceClient;
 use support::{TestServer, authed, token, user};
 use tokio_stream::StreamExt;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 #[tokio::test]
 async fn health_reports_serving_then_not_serving_while_draining() {
     let mut server = TestServer::start().await;
     let mut health = HealthClient::new(server.channel().await);
-    for service in ["", "presence.v1.PresenceService", "presence.v1.ContactsService"] {
+    for service in [
+        "",
+        "presence.v1.PresenceService",
+        "presence.v1.ContactsService",
+    ] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -26,13 +32,20 @@ async fn health_reports_serving_then_not_serving_while_draining() {
         assert_eq!(status, ServingStatus::Serving, "{service:?}");
     }
     let mut watch = health
-        .watch(HealthCheckRequest { service: "presence.v1.PresenceService".into() })
+        .watch(HealthCheckRequest {
+            service: "presence.v1.PresenceService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
     server.drain();
-    let update = tokio::time::timeout(support::VISIBLE_WITHIN, watch.next()).await.expect("an update while draining");
+    let update = tokio::time::timeout(support::VISIBLE_WITHIN, watch.next())
+        .await
+        .expect("an update while draining");
     assert_eq!(update.unwrap().unwrap().status(), ServingStatus::NotServing);
     server.stop().await;
 }
@@ -41,10 +54,10 @@ async fn health_reports_serving_then_not_serving_while_draining() {
 async fn reflection_lists_the_api_in_v1_and_v1alpha() {
     let server = TestServer::start().await;
     {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(server.channel().await);
         let request = ServerReflectionRequest {
             host: String::new(),
@@ -61,19 +74,28 @@ async fn reflection_lists_the_api_in_v1_and_v1alpha() {
             panic!("no service list");
         };
         let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-        for expected in ["presence.v1.PresenceService", "presence.v1.ContactsService", "grpc.health.v1.Health"] {
-            assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+        for expected in [
+            "presence.v1.PresenceService",
+            "presence.v1.ContactsService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
         }
     }
     {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(server.channel().await);
         let request = ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol("presence.v1.PresenceService".into())),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "presence.v1.PresenceService".into(),
+            )),
         };
         let mut responses = client
             .server_reflection_info(tokio_stream::iter([request]))
@@ -103,19 +125,32 @@ async fn grpc_web_over_http1_reaches_the_same_api() {
     let mut client = PresenceServiceClient::with_origin(service, server.url().parse().unwrap());
 
     let touched = client
-        .touch(authed(pb::TouchRequest { device_id: "tab".into(), ..Default::default() }, &token(&bob)))
+        .touch(authed(
+            pb::TouchRequest {
+                device_id: "tab".into(),
+                ..Default::default()
+            },
+            &token(&bob),
+        ))
         .await
         .unwrap()
         .into_inner();
     assert!(touched.heartbeat_interval_ms > 0);
     let own = client
-        .get_presence(authed(pb::GetPresenceRequest { user_ids: vec![bob.clone()] }, &token(&bob)))
+        .get_presence(authed(
+            pb::GetPresenceRequest {
+                user_ids: vec![bob.clone()],
+            },
+            &token(&bob),
+        ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(own.presences[0].status(), pb::VisibleStatus::Online);
     let refused = client
-        .get_presence(tonic::Request::new(pb::GetPresenceRequest { user_ids: vec![bob] }))
+        .get_presence(tonic::Request::new(pb::GetPresenceRequest {
+            user_ids: vec![bob],
+        }))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
@@ -129,15 +164,24 @@ async fn browsers_may_call_from_any_origin() {
         .build_http::<String>();
     let preflight = http::Request::builder()
         .method("OPTIONS")
-        .uri(format!("{}/presence.v1.PresenceService/Touch", server.url()))
+        .uri(format!(
+            "{}/presence.v1.PresenceService/Touch",
+            server.url()
+        ))
         .header("origin", "https://app.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type,x-grpc-web")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-grpc-web",
+        )
         .body(String::new())
         .unwrap();
     let response = http1.request(preflight).await.unwrap();
     assert!(response.status().is_success(), "{response:?}");
-    let allowed = response.headers().get("access-control-allow-origin").unwrap();
+    let allowed = response
+        .headers()
+        .get("access-control-allow-origin")
+        .unwrap();
     assert_eq!(allowed, "https://app.example");
     server.stop().await;
 }

@@ -229,7 +229,10 @@ impl PresenceClient {
         let previous = self.session().as_ref().map(|handle| {
             let mut previous = None;
             handle.desired.send_if_modified(|desired| {
-                previous = Some((desired.status, std::mem::replace(&mut desired.custom_message, custom_message.clone())));
+                previous = Some((
+                    desired.status,
+                    std::mem::replace(&mut desired.custom_message, custom_message.clone()),
+                ));
                 desired.status = status;
                 false
             });
@@ -250,7 +253,9 @@ impl PresenceClient {
             Ok(response) => response.into_inner(),
             Err(error) => {
                 // Put the older choice back, unless a later call replaced ours.
-                if let (Some(handle), Some(Some((old_status, old_message)))) = (self.session().as_ref(), previous) {
+                if let (Some(handle), Some(Some((old_status, old_message)))) =
+                    (self.session().as_ref(), previous)
+                {
                     handle.desired.send_if_modified(|desired| {
                         if desired.status == status && desired.custom_message == custom_message {
                             desired.status = old_status;

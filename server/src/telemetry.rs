@@ -34,7 +34,8 @@ impl Drop for Telemetry {
 }
 
 pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let tracer_provider = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Some(_) => Some(otlp_tracer_provider()?),
         None => None,

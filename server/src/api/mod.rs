@@ -135,7 +135,9 @@ impl PresenceService for Api {
                 status: convert::status_change(open.status, open.custom_message, limits)?,
                 device_id: open.device_id,
             };
-            let (key, mut session, record) = node.open_session(&caller, open).await?;
+            // Boxed: the stream's state machine lives as long as the session,
+            // and would otherwise be as large as the biggest future it awaits.
+            let (key, mut session, record) = Box::pin(node.open_session(&caller, open)).await?;
             let _lingers = Lingers { node: node.clone(), key: key.clone(), conn_id: session.conn_id };
             yield pb::HeartbeatResponse {
                 response: Some(pb::heartbeat_response::Response::Opened(pb::SessionOpened {
@@ -183,7 +185,7 @@ impl PresenceService for Api {
                     activity: convert::activity(beat.activity)?,
                     status: convert::status_change(beat.status, beat.custom_message, limits)?,
                 };
-                match node.beat(&key, &mut session, change).await {
+                match Box::pin(node.beat(&key, &mut session, change)).await {
                     Ok(()) => {}
                     // The lease was renewed in memory; only the change could
                     // not be recorded (no backend could take it). The session
