@@ -132,7 +132,8 @@ pub struct RunConfig {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub beats_only: Duration,
 
-    /// The load window: changes and queries on top of the heartbeats.
+    /// The load window: changes and queries on top of the heartbeats. 0s:
+    /// skipped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
 
