@@ -9,6 +9,8 @@
 //! `suite!`, which instantiates it per backend set.
 
 use std::collections::HashMap;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,33 +73,11 @@ fn embedded_buffered() -> Backends {
 /// Keyspace of the Scylla instances; cases use unique ids, so it is shared.
 const SCYLLA_TEST_KEYSPACE: &str = "presence_test";
 
-/// The CQL contact points of `PRESENCE_TEST_SCYLLA_NODES`. Unset: a note and
-/// `None` (the case passes without running), unless
-/// `PRESENCE_REQUIRE_BACKENDS=1`, which makes it a failure.
-fn scylla_nodes() -> Option<Vec<String>> {
-    let nodes: Vec<String> = std::env::var("PRESENCE_TEST_SCYLLA_NODES")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|node| !node.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if !nodes.is_empty() {
-        return Some(nodes);
-    }
-    assert!(
-        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-        "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_SCYLLA_NODES is unset"
-    );
-    eprintln!("note: PRESENCE_TEST_SCYLLA_NODES is unset; skipping the Scylla case");
-    None
-}
-
 /// Contacts and history on a real CQL server (`PRESENCE_TEST_SCYLLA_NODES`);
 /// the hot store and fan-out stay embedded. `buffered` puts the history
 /// behind a [`BufferedHistory`], as a node runs it.
 async fn scylla(buffered: bool) -> Option<Backends> {
-    let nodes = scylla_nodes()?;
+    let nodes = common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES")?;
     let durable = presence_server::store::scylla::connect(
         &nodes,
         SCYLLA_TEST_KEYSPACE,
@@ -450,7 +430,7 @@ suite!(scylla_cached_contacts, scylla_cached_contacts().await);
 /// Contacts durable on the CQL store and cached in Redis, as a node with both
 /// runs them; the other backends embedded.
 async fn scylla_cached_contacts() -> Option<Backends> {
-    let urls = redis_urls()?;
+    let urls = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER")?;
     let backends = scylla(false).await?;
     let contacts = CachedContacts::new(backends.contacts.clone(), &urls)
         .expect("a redis cluster client for the contacts cache");
@@ -512,28 +492,6 @@ async fn cached_contacts_follow_changes_at_once() {
 // for reading, so they never overlap within this binary. They do disturb
 // anyone else using the same cluster meanwhile.
 
-/// The seed URLs of `PRESENCE_TEST_REDIS_CLUSTER`. Unset: a note and `None`
-/// (the case passes without running), unless `PRESENCE_REQUIRE_BACKENDS=1`,
-/// which makes it a failure.
-fn redis_urls() -> Option<Vec<String>> {
-    let urls: Vec<String> = std::env::var("PRESENCE_TEST_REDIS_CLUSTER")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if !urls.is_empty() {
-        return Some(urls);
-    }
-    assert!(
-        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-        "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_REDIS_CLUSTER is unset"
-    );
-    eprintln!("note: PRESENCE_TEST_REDIS_CLUSTER is unset; skipping the Redis case");
-    None
-}
-
 static REDIS_EXCLUSIVE: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
     std::sync::LazyLock::new(Arc::default);
 
@@ -563,7 +521,7 @@ impl FanOut for Shared {
 
 /// Every backend on the Redis Cluster of `PRESENCE_TEST_REDIS_CLUSTER`.
 async fn redis_cluster() -> Option<Backends> {
-    let urls = redis_urls()?;
+    let urls = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER")?;
     let hold = REDIS_EXCLUSIVE.clone().read_owned().await;
     let (redis, hub) = redis_node(&urls).await;
     Some(Backends {
@@ -605,7 +563,9 @@ async fn pending_for(watcher: &Watcher, users: &[String]) -> HashMap<String, Pen
 
 #[tokio::test]
 async fn redis_change_on_one_node_reaches_watchers_on_another() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (a, _hub_a) = redis_node(&urls).await;
     let (_b, hub_b) = redis_node(&urls).await;
@@ -656,7 +616,9 @@ async fn redis_change_on_one_node_reaches_watchers_on_another() {
 
 #[tokio::test]
 async fn redis_unwatched_events_are_skipped_unread() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (a, _) = redis_node(&urls).await;
     let (b, hub_b) = redis_node(&urls).await;
@@ -690,7 +652,9 @@ async fn open_on(hot: &dyn HotStore, user: &str, node: &str) {
 
 #[tokio::test]
 async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (dying, _) = redis_node(&urls).await;
     let (reclaimer, _) = redis_node(&urls).await;
@@ -755,7 +719,9 @@ async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
 
 #[tokio::test]
 async fn redis_forgetting_a_node_with_sessions_leaves_them_to_reclaim() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (leaving, _) = redis_node(&urls).await;
     let (other, _) = redis_node(&urls).await;
@@ -795,7 +761,9 @@ async fn reclaim(hot: &dyn HotStore, node: &str, users: &[String]) {
 
 #[tokio::test]
 async fn redis_renew_reports_a_lease_that_ran_out() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (redis, _) = redis_node(&urls).await;
     let node = unique("slow-node");
@@ -833,7 +801,9 @@ async fn redis_renew_reports_a_lease_that_ran_out() {
 
 #[tokio::test]
 async fn redis_renew_reports_a_store_that_lost_its_data() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _exclusive = REDIS_EXCLUSIVE.write().await;
     let (redis, _) = redis_node(&urls).await;
     let node = unique("node");
@@ -1002,7 +972,9 @@ async fn set_busy(hot: &dyn HotStore, user: &str) -> StoreResult<()> {
 /// the killed node is started again (as a replica) at the end.
 #[tokio::test]
 async fn redis_store_and_fanout_survive_a_master_failover() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     if std::env::var("PRESENCE_TEST_REDIS_FAILOVER").as_deref() != Ok("1") {
         eprintln!("note: PRESENCE_TEST_REDIS_FAILOVER is not 1; skipping the failover case");
         return;
@@ -1112,7 +1084,9 @@ impl Drop for RestartOnDrop {
 /// unsubscribes when its slot leaves, is subscribed again on the new owner.
 #[tokio::test]
 async fn redis_follows_a_slot_to_another_master() {
-    let Some(urls) = redis_urls() else { return };
+    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+        return;
+    };
     let _exclusive = REDIS_EXCLUSIVE.write().await;
     let (a, _) = redis_node(&urls).await;
     let (b, hub_b) = redis_node(&urls).await;

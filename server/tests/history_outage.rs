@@ -15,6 +15,8 @@
 //! The tests take turns on the one database (a lock), since each of them
 //! takes it down.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,25 +34,6 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// One test at a time takes the database down.
 static DATABASE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn nodes() -> Option<Vec<String>> {
-    let nodes: Vec<String> = std::env::var("PRESENCE_TEST_SCYLLA_NODES")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|node| !node.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if !nodes.is_empty() {
-        return Some(nodes);
-    }
-    assert!(
-        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-        "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_SCYLLA_NODES is unset"
-    );
-    eprintln!("note: PRESENCE_TEST_SCYLLA_NODES is unset; skipping");
-    None
-}
 
 fn outage() -> Duration {
     let secs = std::env::var("PRESENCE_TEST_OUTAGE_SECS")
@@ -200,7 +183,9 @@ async fn verify_all_stored(nodes: &[String], stream: &Stream) {
 /// keep streaming through the outage, bring it back with `up`, stream 2 s
 /// more, flush, and check that nothing was lost or refused.
 async fn survives(down: &str, up: &str) {
-    let Some(nodes) = nodes() else { return };
+    let Some(nodes) = common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES") else {
+        return;
+    };
     let _turn = DATABASE.lock().await;
     let durable = connect(&nodes).await;
     let history = BufferedHistory::start(durable.history, buffer_config());
@@ -266,7 +251,9 @@ async fn nothing_is_lost_while_the_database_restarts() {
 /// compaction window); the same retention again changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_follows_the_configured_retention() {
-    let Some(nodes) = nodes() else { return };
+    let Some(nodes) = common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES") else {
+        return;
+    };
     let _turn = DATABASE.lock().await;
     let keyspace = "presence_migrate_test";
     let ttl = |session: Arc<::scylla::client::session::Session>| async move {
@@ -304,7 +291,9 @@ async fn migration_follows_the_configured_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn measure_history_throughput_and_page_latency() {
-    let Some(nodes) = nodes() else { return };
+    let Some(nodes) = common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES") else {
+        return;
+    };
     let _turn = DATABASE.lock().await;
     let durable = connect(&nodes).await;
     let history = BufferedHistory::start(durable.history.clone(), BufferConfig::default());
