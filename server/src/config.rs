@@ -69,6 +69,13 @@ pub struct Config {
     )]
     pub redis_cluster: Vec<String>,
 
+    /// The most one Redis call may take, retries and redirects included,
+    /// before the node takes Redis for down (see the degraded modes in the
+    /// README). Longer than a master failover avoids the degraded mode during
+    /// one; shorter keeps calls made during it from waiting that long.
+    #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub redis_timeout: Duration,
+
     /// ScyllaDB (or any CQL server) contact points, comma-separated host:port.
     /// Unset: embedded contacts and history.
     #[arg(

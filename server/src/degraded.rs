@@ -303,14 +303,18 @@ impl Degraded {
             .map(|held| held.base_choice.clone())
     }
 
-    /// The oldest change of `user_id` not in the hot store yet.
-    pub fn front(&self, user_id: &str) -> Option<Mutation> {
+    /// The changes of `user_id` not in the hot store yet, oldest first.
+    pub fn queued_changes(&self, user_id: &str) -> Vec<Mutation> {
         let state = self.state.lock();
-        state.users.get(user_id)?.queue.front().cloned()
+        state
+            .users
+            .get(user_id)
+            .map(|held| held.queue.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
-    /// The oldest change of `user_id` is in the hot store now.
-    pub fn pop_front(&self, user_id: &str) -> Popped {
+    /// The oldest `count` changes of `user_id` are in the hot store now.
+    pub fn replayed(&self, user_id: &str, count: usize) -> Popped {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         let Some(held) = state.users.get_mut(user_id) else {
@@ -318,10 +322,10 @@ impl Degraded {
                 recorded: Shown::default(),
             };
         };
-        if held.queue.pop_front().is_some() {
-            state.queued -= 1;
-            metrics::gauge!(QUEUED_METRIC).set(state.queued as f64);
-        }
+        let count = count.min(held.queue.len());
+        held.queue.drain(..count);
+        state.queued -= count;
+        metrics::gauge!(QUEUED_METRIC).set(state.queued as f64);
         if !held.queue.is_empty() {
             return Popped::More;
         }
@@ -605,10 +609,10 @@ mod tests {
         assert!(applied.shown_changed);
         assert_eq!(record.shown.status, VisibleStatus::Busy);
         assert_eq!(degraded.queued(), 2);
-        assert_eq!(degraded.front("bob"), Some(beat));
-        assert!(matches!(degraded.pop_front("bob"), Popped::More));
-        assert_eq!(degraded.front("bob"), Some(busy));
-        let Popped::Done { recorded } = degraded.pop_front("bob") else {
+        assert_eq!(degraded.queued_changes("bob"), vec![beat, busy.clone()]);
+        assert!(matches!(degraded.replayed("bob", 1), Popped::More));
+        assert_eq!(degraded.queued_changes("bob"), vec![busy]);
+        let Popped::Done { recorded } = degraded.replayed("bob", 1) else {
             panic!("bob's queue is empty");
         };
         assert_eq!(recorded.status, VisibleStatus::Busy);

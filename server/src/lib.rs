@@ -56,6 +56,7 @@ use crate::store::cached::CachedContacts;
 use crate::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
+use crate::store::redis::RedisOptions;
 use crate::store::{ContactStore, FanOut, HistoryStore, HotStore};
 
 /// The backends a node runs on, as the configuration names them, with what
@@ -78,10 +79,9 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
     let redis = if config.redis_cluster.is_empty() {
         None
     } else {
-        Some(
-            store::redis::connect(&config.redis_cluster, hub.clone(), config.history_retention)
-                .await?,
-        )
+        let mut options = RedisOptions::new(&config.redis_cluster, config.history_retention);
+        options.op_timeout = config.redis_timeout;
+        Some(store::redis::connect_with(options, hub.clone()).await?)
     };
     let (hot, fanout, fanout_gaps): (Arc<dyn HotStore>, Arc<dyn FanOut>, _) = match &redis {
         Some(redis) => (

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -62,12 +62,39 @@ pub struct Node {
     draining: watch::Sender<bool>,
     /// Open WatchContacts streams per user, to enforce the per-user limit.
     watch_counts: Mutex<HashMap<String, usize>>,
-    /// Since when this node's own lease has been held in the hot store
-    /// without a gap or a failed renewal; `None` while in doubt.
-    lease_held_since: Mutex<Option<Instant>>,
+    /// How this node's own lease in the hot store stands.
+    lease: Mutex<LeaseHold>,
+    /// The hot store no longer knew this node when it renewed its lease: the
+    /// sessions it holds are to be re-asserted.
+    hot_lost_sessions: AtomicBool,
     /// Changes taken while the hot store was unreachable, waiting to be
     /// replayed into it (see [`crate::degraded`]).
     degraded: Degraded,
+}
+
+/// What a node knows of its own lease in the hot store.
+#[derive(Default)]
+struct LeaseHold {
+    /// Since when the lease has been held without a gap or a failed
+    /// renewal; `None` while in doubt.
+    held_since: Option<Instant>,
+    /// When the last renewal that found the lease held was sent.
+    renewed_at: Option<Instant>,
+}
+
+impl LeaseHold {
+    /// Whether the hot store has kept this node's lease for a whole node
+    /// lease and still does, as of a renewal sent moments ago: only then did
+    /// every live node have the time to renew its own, so that a missing
+    /// lease means a lost node. A renewal still in flight (the store hangs
+    /// in a failover) proves nothing.
+    fn proves_others_lost(&self, node_lease: Duration) -> bool {
+        self.held_since
+            .is_some_and(|since| since.elapsed() >= node_lease)
+            && self
+                .renewed_at
+                .is_some_and(|at| at.elapsed() < node_lease * 2 / 3)
+    }
 }
 
 /// Resolves once the flag is raised (or its sender is gone).
@@ -94,7 +121,8 @@ impl Node {
             next_conn_id: AtomicU64::new(rand::random::<u64>() >> 1),
             draining: watch::channel(false).0,
             watch_counts: Mutex::default(),
-            lease_held_since: Mutex::default(),
+            lease: Mutex::default(),
+            hot_lost_sessions: AtomicBool::new(false),
             degraded: Degraded::default(),
         })
     }
@@ -238,66 +266,55 @@ impl Node {
         );
     }
 
-    /// Writes one user's queued changes into the hot store, then tells the
-    /// other nodes the converged state (they missed the changes: the fan-out
-    /// was down; watchers drop it if they hold it already) and records it in
-    /// the history if it moved and differs from what was recorded meanwhile
-    /// (the hot store merges the sessions other nodes hold, which this node
-    /// could not see).
+    /// Writes one user's queued changes into the hot store as one change,
+    /// then tells the other nodes the converged state (they missed the
+    /// changes: the fan-out was down; watchers drop it if they hold it
+    /// already) and records it in the history if it moved and differs from
+    /// what was recorded meanwhile (the hot store merges the sessions other
+    /// nodes hold, which this node could not see).
     async fn replay_user(&self, user_id: &str) -> Result<(), String> {
-        let limits = self.limits();
-        let unavailable = |error: StoreError| match error {
-            StoreError::Unavailable(cause) => Err(cause),
-            _ => Ok(()),
-        };
         // A hot store that restarted empty forgot what the user had chosen
         // before the outage: that goes first, as the queue builds on it.
         let forgotten = match self.backends.hot.get(&[user_id.to_owned()]).await {
             Ok(records) => records.first().is_none_or(Option::is_none),
-            Err(error) => return unavailable(error),
+            Err(StoreError::Unavailable(cause)) => return Err(cause),
+            Err(_) => false,
         };
-        if forgotten
-            && let Some((chosen, custom_message)) = self.degraded.base_choice(user_id)
-            && (chosen, custom_message.as_str()) != (ChosenStatus::Online, "")
-        {
-            let restore = Mutation::SetStatus {
+        let mut restore = self
+            .degraded
+            .base_choice(user_id)
+            .filter(|choice| {
+                forgotten && (choice.0, choice.1.as_str()) != (ChosenStatus::Online, "")
+            })
+            .map(|(chosen, custom_message)| Mutation::SetStatus {
                 chosen,
                 custom_message,
-            };
-            if let Err(error) = self
-                .backends
-                .hot
-                .apply(user_id, restore, now_ms(), limits)
-                .await
-            {
-                unavailable(error)?;
-            }
-        }
+            });
         let mut converged = None;
         let mut moved = false;
         let recorded = loop {
-            let Some(mutation) = self.degraded.front(user_id) else {
-                break Shown::default();
-            };
-            match self
-                .backends
-                .hot
-                .apply(user_id, mutation, now_ms(), limits)
-                .await
-            {
-                Ok((record, applied)) => {
-                    moved |= applied.shown_changed;
-                    converged = Some(record);
-                }
-                // A change refused now was taken during the outage against
-                // what this node knew (e.g. a session another node took over
-                // meanwhile): the hot store's state wins.
-                Err(error) => {
-                    unavailable(error)?;
-                    tracing::debug!(user_id, "a queued change no longer applies, skipped");
+            let queued = self.degraded.queued_changes(user_id);
+            let count = queued.len();
+            let changes: Vec<Mutation> = restore.take().into_iter().chain(queued).collect();
+            if !changes.is_empty() {
+                match self
+                    .backends
+                    .hot
+                    .apply(user_id, Mutation::Replay(changes), now_ms(), self.limits())
+                    .await
+                {
+                    Ok((record, applied)) => {
+                        moved |= applied.shown_changed;
+                        converged = Some(record);
+                    }
+                    Err(StoreError::Unavailable(cause)) => return Err(cause),
+                    Err(error) => {
+                        tracing::warn!(%error, user_id, "replaying queued changes failed, dropped");
+                    }
                 }
             }
-            if let Popped::Done { recorded } = self.degraded.pop_front(user_id) {
+            // Changes taken meanwhile were queued behind these: once more.
+            if let Popped::Done { recorded } = self.degraded.replayed(user_id, count) {
                 break recorded;
             }
         };
@@ -600,8 +617,7 @@ impl Node {
     /// The records of `user_ids`, in order, for reading: from the hot store;
     /// for users it does not know, and while it is unreachable, from the
     /// durable store's latest record of each (no devices); for users with
-    /// changes not replayed into the hot store yet, this node's record when
-    /// it is newer.
+    /// changes not replayed into the hot store yet, this node's record.
     pub async fn presence_records(
         &self,
         user_ids: &[String],
@@ -621,12 +637,10 @@ impl Node {
         };
         let hot_answered = hot.is_some();
         let mut records = hot.unwrap_or_else(|| vec![None; user_ids.len()]);
+        // Until its changes are replayed, a user reads as this node knows
+        // them: the hot store has not seen changes this node acknowledged.
         for (user_id, slot) in user_ids.iter().zip(records.iter_mut()) {
-            if let Some(held) = self.degraded.record(user_id)
-                && slot
-                    .as_ref()
-                    .is_none_or(|record| record.shown.version < held.shown.version)
-            {
+            if let Some(held) = self.degraded.record(user_id) {
                 *slot = Some(held);
             }
         }
@@ -786,30 +800,42 @@ impl Node {
     }
 
     /// The node's background duties until `stop` is raised: end expired
-    /// sessions, keep the node's own lease alive, and end the sessions of
-    /// nodes that died.
+    /// sessions, bring the hot store back in step after it lost this node or
+    /// was unreachable, end the sessions of nodes that died, and keep the
+    /// node's own lease alive. The lease is kept apart from the rest: slow
+    /// duties (re-asserting thousands of sessions into a store that just came
+    /// back) must never let it run out, or other nodes would take this live
+    /// node for lost.
     pub async fn run_maintenance(self: Arc<Self>, stop: watch::Receiver<bool>) {
-        let mut sweep = tokio::time::interval(self.config.sweep_interval);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut renew = tokio::time::interval(self.config.node_lease / 3);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stop = raised(stop);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = sweep.tick() => {
-                    self.sweep().await;
-                    self.reclaim_lost_nodes().await;
-                    let (streams, watched) = self.backends.hub.sizes();
-                    metrics::node_gauges(self.leases.len(), streams, watched);
-                }
-                _ = renew.tick() => self.renew_node_lease().await,
-                _ = &mut stop => return,
+        let duties = async {
+            let mut sweep = tokio::time::interval(self.config.sweep_interval);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                sweep.tick().await;
+                self.sweep().await;
+                self.catch_up_hot_store().await;
+                self.reclaim_lost_nodes().await;
+                let (streams, watched) = self.backends.hub.sizes();
+                metrics::node_gauges(self.leases.len(), streams, watched);
             }
+        };
+        let lease = async {
+            let mut renew = tokio::time::interval(self.config.node_lease / 3);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                renew.tick().await;
+                self.renew_node_lease().await;
+            }
+        };
+        tokio::select! {
+            () = duties => {}
+            () = lease => {}
+            () = raised(stop) => {}
         }
     }
 
     async fn renew_node_lease(&self) {
+        let sent = Instant::now();
         match self
             .backends
             .hot
@@ -818,33 +844,45 @@ impl Node {
         {
             Ok(known) => {
                 self.degraded.hot_answered();
-                {
-                    let mut held_since = self.lease_held_since.lock();
-                    if !known {
-                        *held_since = None;
-                    }
-                    held_since.get_or_insert_with(Instant::now);
+                let mut lease = self.lease.lock();
+                if known {
+                    lease.renewed_at = Some(sent);
+                } else {
+                    *lease = LeaseHold::default();
+                    self.hot_lost_sessions.store(true, Ordering::Release);
                 }
-                if !known {
-                    self.restore_forgotten_choices().await;
-                    self.reassert_sessions().await;
-                }
-                self.replay_degraded(self.config.node_lease / 3).await;
+                // Written at some moment of the call: held since its end at
+                // the latest, fresh as of its start at the earliest.
+                lease.held_since.get_or_insert_with(Instant::now);
             }
             // The renewal doubles as the probe of an unreachable hot store:
             // the outage was logged once when it began.
             Err(StoreError::Unavailable(cause)) if self.degraded.hot_down() => {
-                *self.lease_held_since.lock() = None;
+                *self.lease.lock() = LeaseHold::default();
                 tracing::debug!(%cause, "renewing the node lease failed, hot store still unreachable");
             }
             Err(error) => {
-                *self.lease_held_since.lock() = None;
+                *self.lease.lock() = LeaseHold::default();
                 if let StoreError::Unavailable(cause) = &error {
                     self.degraded.hot_failed(cause);
                 }
                 tracing::warn!(%error, "renewing the node lease failed");
             }
         }
+    }
+
+    /// Once the hot store answers: gives it back the sessions it lost (with
+    /// the choices of their users), then replays what was queued while it
+    /// was unreachable.
+    async fn catch_up_hot_store(&self) {
+        if self.degraded.hot_down() {
+            return;
+        }
+        if self.hot_lost_sessions.swap(false, Ordering::AcqRel) {
+            self.restore_forgotten_choices().await;
+            self.reassert_sessions().await;
+        }
+        self.replay_degraded(self.config.node_lease / 3).await;
     }
 
     /// Writes every session this node holds back into the hot store, which
@@ -873,11 +911,8 @@ impl Node {
         // And a missing lease proves a node dead only if the store kept ours:
         // after a failover or restart that lost every lease, live nodes need
         // one node lease to renew theirs again.
-        let trusted = self
-            .lease_held_since
-            .lock()
-            .is_some_and(|since| since.elapsed() >= self.config.node_lease);
-        if self.degraded.hot_down() || !trusted {
+        let trusted = || self.lease.lock().proves_others_lost(self.config.node_lease);
+        if self.degraded.hot_down() || !trusted() {
             return;
         }
         let lost = match self.backends.hot.lost_nodes().await {
@@ -887,6 +922,11 @@ impl Node {
                 return;
             }
         };
+        // The search may have waited through a failover that lost every
+        // lease: what it found counts only if ours is still known held.
+        if !trusted() {
+            return;
+        }
         for node_id in lost.into_iter().filter(|id| *id != self.node_id) {
             if let Err(error) = self.reclaim_node(&node_id).await {
                 tracing::warn!(?error, node_id, "reclaiming a lost node failed");

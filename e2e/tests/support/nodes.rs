@@ -30,6 +30,11 @@ use super::support::{GRACE, HEARTBEAT, LEASE, SWEEP};
 /// renewing it (it renews every third of it).
 pub const NODE_LEASE: Duration = Duration::from_millis(1500);
 
+/// How long a node waits for one Redis call. Shorter than a master failover
+/// of the test cluster (3–5 s with its 2 s node timeout), so that the
+/// failover test takes the degraded path, as a loaded machine would.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a server process may take to serve after it was spawned: it
 /// connects to the cluster and proves its 256 fan-out channels first.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -227,6 +232,8 @@ fn server_args(seeds: &str) -> Vec<String> {
         ms(HEARTBEAT),
         "--node-lease".into(),
         ms(NODE_LEASE),
+        "--redis-timeout".into(),
+        ms(REDIS_TIMEOUT),
     ]
 }
 

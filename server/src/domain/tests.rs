@@ -453,3 +453,39 @@ fn ending_an_unknown_session_changes_nothing() {
     assert_eq!(applied, Applied::default());
     assert!(record.is_empty());
 }
+
+#[test]
+fn a_replay_applies_its_changes_in_order_as_one_and_skips_what_no_longer_applies() {
+    let mut record = UserRecord::default();
+    open(&mut record, "phone", 1, Activity::Active, 1_000);
+    let before = record.shown.version;
+    let replay = Mutation::Replay(vec![
+        Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: "first".into(),
+        },
+        // Taken over by another connection meanwhile: refused, skipped.
+        Mutation::Update {
+            session: session("phone", 2, Activity::Idle),
+            activity: Some(Activity::Idle),
+            status: None,
+        },
+        Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: "last".into(),
+        },
+    ]);
+    let applied = apply(&mut record, replay, 2_000, LIMITS).unwrap();
+    assert!(applied.record_changed && applied.shown_changed);
+    assert_eq!(record.shown.status, VisibleStatus::Busy);
+    assert_eq!(record.shown.custom_message, "last");
+    assert_eq!(record.sessions[0].activity, Activity::Active);
+    assert!(record.shown.version > before);
+
+    let repeat = Mutation::Replay(vec![Mutation::SetStatus {
+        chosen: ChosenStatus::Busy,
+        custom_message: "last".into(),
+    }]);
+    let applied = apply(&mut record, repeat, 3_000, LIMITS).unwrap();
+    assert!(!applied.record_changed && !applied.shown_changed);
+}

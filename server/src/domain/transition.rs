@@ -41,6 +41,11 @@ pub enum Mutation {
     },
     /// Ends every session held by a lost node.
     EndNode { node_id: String },
+    /// Changes a node took while the hot store was unreachable, applied in
+    /// order as one change, so that no reader sees a state between two of
+    /// them. A change that no longer applies (a session another node took
+    /// over meanwhile) is skipped: the hot store's state wins.
+    Replay(Vec<Mutation>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +80,16 @@ pub fn apply(
     let before = record.clone();
     let mut end_reason = OfflineReason::Logout;
     match mutation {
+        Mutation::Replay(changes) => {
+            for change in changes {
+                // Refused changes leave the record as it was.
+                let _ = apply(record, change, now_ms, limits);
+            }
+            return Ok(Applied {
+                record_changed: *record != before,
+                shown_changed: record.shown != before.shown,
+            });
+        }
         Mutation::Open { session, status } => {
             upsert_session(record, session, None, limits)?;
             set_chosen(record, status);
