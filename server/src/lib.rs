@@ -95,17 +95,13 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
             None,
         ),
     };
-    let (contacts, history, history_buffer): (Arc<dyn ContactStore>, Arc<dyn HistoryStore>, _) =
+    // History kept remotely (ScyllaDB, else Redis) is written through a
+    // buffer, so that a change acknowledged while the store blinks still
+    // reaches it.
+    let (contacts, remote_history): (Arc<dyn ContactStore>, Option<Arc<dyn HistoryStore>>) =
         match (&redis, config.scylla.is_empty()) {
             (_, false) => {
                 let durable = store::scylla::connect_with(&config.scylla_config()).await?;
-                let buffer = BufferedHistory::start(
-                    durable.history,
-                    BufferConfig {
-                        capacity: config.history_buffer,
-                        ..BufferConfig::default()
-                    },
-                );
                 let contacts: Arc<dyn ContactStore> = match &redis {
                     // Contacts are read on every watch and presence query:
                     // from Redis, with ScyllaDB behind it when Redis misses
@@ -116,15 +112,24 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
                     )?),
                     None => durable.contacts,
                 };
-                (contacts, buffer.clone(), Some(buffer))
+                (contacts, Some(durable.history))
             }
-            (Some(redis), true) => (redis.contacts.clone(), redis.history.clone(), None),
-            (None, true) => (
-                Arc::new(EmbeddedContactStore::default()),
-                EmbeddedHistoryStore::start(config.history_retention),
-                None,
-            ),
+            (Some(redis), true) => (redis.contacts.clone(), Some(redis.history.clone())),
+            (None, true) => (Arc::new(EmbeddedContactStore::default()), None),
         };
+    let (history, history_buffer): (Arc<dyn HistoryStore>, _) = match remote_history {
+        Some(remote) => {
+            let buffer = BufferedHistory::start(
+                remote,
+                BufferConfig {
+                    capacity: config.history_buffer,
+                    ..BufferConfig::default()
+                },
+            );
+            (buffer.clone(), Some(buffer))
+        }
+        None => (EmbeddedHistoryStore::start(config.history_retention), None),
+    };
     Ok(OpenedBackends {
         backends: Backends {
             hot,
@@ -194,7 +199,11 @@ pub async fn run(
         listen = %listener.local_addr()?,
         node_id,
         hot_store = if config.redis_cluster.is_empty() { "embedded" } else { "redis-cluster" },
-        durable_store = if config.scylla.is_empty() { "embedded" } else { "scylla" },
+        durable_store = match (config.scylla.is_empty(), config.redis_cluster.is_empty()) {
+            (false, _) => "scylla",
+            (true, false) => "redis-cluster",
+            (true, true) => "embedded",
+        },
         staleness_bound_ms = config.staleness_bound().as_millis() as u64,
         "presence server ready"
     );
