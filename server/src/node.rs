@@ -49,6 +49,10 @@ pub struct BeatChange {
     pub status: Option<(ChosenStatus, String)>,
 }
 
+/// Pauses between attempts to refill watchers after a fan-out gap.
+const REFILL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const REFILL_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Sessions of a lost node ended per batch, and at once.
 const RECLAIM_BATCH: usize = 256;
 const RECLAIM_CONCURRENCY: usize = 32;
@@ -1003,26 +1007,37 @@ impl Node {
     }
 
     /// Cross-node fan-out lost events: every watched user's current state is
-    /// delivered again (watch streams drop what they already sent).
+    /// delivered again (watch streams drop what they already sent). A gap
+    /// usually comes with a failing Redis, so a refill that cannot read is
+    /// retried until it can, or until a newer gap starts a new one.
     pub async fn refill_watchers_after_gaps(self: Arc<Self>, mut gaps: watch::Receiver<u64>) {
         while gaps.changed().await.is_ok() {
-            let users = self.backends.hub.watched_users();
-            tracing::info!(users = users.len(), "fan-out had a gap, refilling watchers");
-            for chunk in users.chunks(self.config.limits.max_batch.max(1)) {
-                match self.backends.hot.get(chunk).await {
-                    Ok(records) => {
-                        for (user_id, record) in chunk.iter().zip(records) {
-                            let Some(record) = record else { continue };
-                            self.backends.hub.deliver(&BusEvent::Presence {
-                                user_id: user_id.clone(),
-                                record,
-                            });
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "refilling watchers failed"),
+            let mut pause = REFILL_RETRY_FIRST;
+            while let Err(error) = self.refill_watchers().await {
+                tracing::warn!(%error, retry_in = ?pause, "refilling watchers failed");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    changed = gaps.changed() => if changed.is_err() { return },
                 }
+                pause = (pause * 2).min(REFILL_RETRY_MAX);
             }
         }
+    }
+
+    async fn refill_watchers(&self) -> Result<(), StoreError> {
+        let users = self.backends.hub.watched_users();
+        tracing::info!(users = users.len(), "fan-out had a gap, refilling watchers");
+        for chunk in users.chunks(self.config.limits.max_batch.max(1)) {
+            let records = self.backends.hot.get(chunk).await?;
+            for (user_id, record) in chunk.iter().zip(records) {
+                let Some(record) = record else { continue };
+                self.backends.hub.deliver(&BusEvent::Presence {
+                    user_id: user_id.clone(),
+                    record,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Leaves the shared hot store for good: the node's sessions have ended.
