@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use presence_server::domain::{
-    Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
-    UserRecord, Viewer, VisibleStatus,
+    Activity, Applied, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform,
+    Session, UserRecord, Viewer, VisibleStatus,
 };
 use presence_server::hub::{Hub, Pending, Watcher};
-use presence_server::node::Backends;
+use presence_server::node::{Backends, now_ms};
 use presence_server::store::buffered::{BufferConfig, BufferedHistory};
 use presence_server::store::cached::CachedContacts;
 use presence_server::store::embedded::{
@@ -46,6 +46,50 @@ fn session(device: &str, conn_id: u64, node: &str) -> Session {
         connected_since_ms: 1_000,
         conn_id,
         node_id: node.to_owned(),
+    }
+}
+
+fn open(device: &str, conn_id: u64, node: &str) -> Mutation {
+    Mutation::Open {
+        session: session(device, conn_id, node),
+        status: None,
+    }
+}
+
+fn busy(custom_message: impl Into<String>) -> Mutation {
+    Mutation::SetStatus {
+        chosen: ChosenStatus::Busy,
+        custom_message: custom_message.into(),
+    }
+}
+
+fn end_node(node: &str) -> Mutation {
+    Mutation::EndNode {
+        node_id: node.to_owned(),
+    }
+}
+
+/// Applies a change the case expects the store to accept.
+async fn apply(
+    hot: &dyn HotStore,
+    user: &str,
+    mutation: Mutation,
+    now_ms: i64,
+) -> (UserRecord, Applied) {
+    hot.apply(user, mutation, now_ms, LIMITS).await.unwrap()
+}
+
+/// Whether the node's lease was still running (see `HotStore::renew_node`).
+async fn renew(hot: &dyn HotStore, node: &str, ttl: Duration) -> bool {
+    hot.renew_node(node, ttl).await.unwrap()
+}
+
+fn presence_event(user: &str, version: u64) -> BusEvent {
+    let mut record = UserRecord::default();
+    record.shown.version = version;
+    BusEvent::Presence {
+        user_id: user.to_owned(),
+        record,
     }
 }
 
@@ -98,19 +142,7 @@ async fn scylla(buffered: bool) -> Option<Backends> {
 
 async fn open_makes_user_visible(b: Backends) {
     let user = unique("alice");
-    let (record, applied) = b
-        .hot
-        .apply(
-            &user,
-            Mutation::Open {
-                session: session("phone", 1, "n1"),
-                status: None,
-            },
-            5_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
+    let (record, applied) = apply(b.hot.as_ref(), &user, open("phone", 1, "n1"), 5_000).await;
     assert!(applied.shown_changed);
     assert_eq!(record.shown.status, VisibleStatus::Online);
     let stored = b.hot.get(&[user.clone(), unique("nobody")]).await.unwrap();
@@ -120,17 +152,11 @@ async fn open_makes_user_visible(b: Backends) {
 
 async fn concurrent_changes_of_one_user_are_all_kept(b: Backends) {
     let user = unique("bob");
-    let hot = b.hot.clone();
     let opens = (0..4).map(|i| {
-        let (hot, user) = (hot.clone(), user.clone());
+        let (hot, user) = (b.hot.clone(), user.clone());
         tokio::spawn(async move {
-            let open = Mutation::Open {
-                session: session(&format!("d{i}"), i, "n1"),
-                status: None,
-            };
-            hot.apply(&user, open, 5_000 + i as i64, LIMITS)
-                .await
-                .unwrap()
+            let (device, at_ms) = (format!("d{i}"), 5_000 + i as i64);
+            apply(hot.as_ref(), &user, open(&device, i, "n1"), at_ms).await
         })
     });
     for open in opens {
@@ -141,117 +167,48 @@ async fn concurrent_changes_of_one_user_are_all_kept(b: Backends) {
 }
 
 async fn refused_change_leaves_state_untouched(b: Backends) {
-    let user = unique("carol");
+    let (hot, user) = (b.hot.as_ref(), unique("carol"));
     for i in 0..4 {
-        let open = Mutation::Open {
-            session: session(&format!("d{i}"), i, "n1"),
-            status: None,
-        };
-        b.hot.apply(&user, open, 5_000, LIMITS).await.unwrap();
+        apply(hot, &user, open(&format!("d{i}"), i, "n1"), 5_000).await;
     }
-    let before = b.hot.get(std::slice::from_ref(&user)).await.unwrap();
-    let fifth = Mutation::Open {
-        session: session("d4", 9, "n1"),
-        status: None,
-    };
-    let error = b.hot.apply(&user, fifth, 6_000, LIMITS).await.unwrap_err();
+    let before = hot.get(std::slice::from_ref(&user)).await.unwrap();
+    let fifth = open("d4", 9, "n1");
+    let error = hot.apply(&user, fifth, 6_000, LIMITS).await.unwrap_err();
     assert!(matches!(error, StoreError::Transition(_)), "{error:?}");
-    assert_eq!(b.hot.get(&[user]).await.unwrap(), before);
+    assert_eq!(hot.get(&[user]).await.unwrap(), before);
 }
 
 async fn stale_connection_cannot_end_a_newer_session(b: Backends) {
-    let user = unique("dave");
-    b.hot
-        .apply(
-            &user,
-            Mutation::Open {
-                session: session("phone", 1, "n1"),
-                status: None,
-            },
-            5_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
-    b.hot
-        .apply(
-            &user,
-            Mutation::Open {
-                session: session("phone", 2, "n1"),
-                status: None,
-            },
-            6_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
+    let (hot, user) = (b.hot.as_ref(), unique("dave"));
+    apply(hot, &user, open("phone", 1, "n1"), 5_000).await;
+    apply(hot, &user, open("phone", 2, "n1"), 6_000).await;
     let end_old = Mutation::End {
         device_id: "phone".into(),
         conn_id: Some(1),
         reason: OfflineReason::ConnectionClosed,
     };
-    let (record, applied) = b.hot.apply(&user, end_old, 7_000, LIMITS).await.unwrap();
+    let (record, applied) = apply(hot, &user, end_old, 7_000).await;
     assert!(!applied.shown_changed);
     assert_eq!(record.shown.status, VisibleStatus::Online);
     assert_eq!(record.sessions[0].conn_id, 2);
 }
 
 async fn node_lease_tracks_users_of_the_node(b: Backends) {
+    let hot = b.hot.as_ref();
     let node = unique("node");
     let user = unique("erin");
-    b.hot
-        .renew_node(&node, Duration::from_secs(5))
-        .await
-        .unwrap();
-    b.hot
-        .apply(
-            &user,
-            Mutation::Open {
-                session: session("phone", 1, &node),
-                status: None,
-            },
-            5_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
-    let (record, _) = b
-        .hot
-        .apply(
-            &user,
-            Mutation::EndNode {
-                node_id: node.clone(),
-            },
-            6_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
+    renew(hot, &node, Duration::from_secs(5)).await;
+    apply(hot, &user, open("phone", 1, &node), 5_000).await;
+    let (record, _) = apply(hot, &user, end_node(&node), 6_000).await;
     assert_eq!(record.shown.status, VisibleStatus::Offline);
     assert_eq!(record.shown.offline_reason, Some(OfflineReason::NodeLost));
-    b.hot.forget_node(&node).await.unwrap();
+    hot.forget_node(&node).await.unwrap();
 }
 
 async fn status_change_is_versioned(b: Backends) {
-    let user = unique("frank");
-    let (opened, _) = b
-        .hot
-        .apply(
-            &user,
-            Mutation::Open {
-                session: session("phone", 1, "n1"),
-                status: None,
-            },
-            5_000,
-            LIMITS,
-        )
-        .await
-        .unwrap();
-    let busy = Mutation::SetStatus {
-        chosen: ChosenStatus::Busy,
-        custom_message: "in a meeting".into(),
-    };
-    let (record, applied) = b.hot.apply(&user, busy, 5_000, LIMITS).await.unwrap();
+    let (hot, user) = (b.hot.as_ref(), unique("frank"));
+    let (opened, _) = apply(hot, &user, open("phone", 1, "n1"), 5_000).await;
+    let (record, applied) = apply(hot, &user, busy("in a meeting"), 5_000).await;
     assert!(applied.shown_changed);
     assert!(record.shown.version > opened.shown.version);
     assert_eq!(record.shown.custom_message, "in a meeting");
@@ -307,7 +264,7 @@ fn history(user: &str, at_ms: i64, version: u64) -> HistoryRecord {
 
 async fn history_pages_in_order_without_duplicates(b: Backends) {
     let user = unique("gina");
-    let now = presence_server::node::now_ms();
+    let now = now_ms();
     let records: Vec<_> = (0..5)
         .map(|i| history(&user, now + i, (now + i) as u64 * 1000))
         .collect();
@@ -333,18 +290,11 @@ async fn history_pages_in_order_without_duplicates(b: Backends) {
 
 async fn fanout_delivers_to_watchers_in_order(b: Backends) {
     let user = unique("hana");
-    let watcher = b
-        .hub
-        .register("someone", presence_server::domain::Viewer::Contact, false);
+    let watcher = b.hub.register("someone", Viewer::Contact, false);
     b.hub.watch(&watcher, &user);
-    let mut record = presence_server::domain::UserRecord::default();
     for version in 1..=3 {
-        record.shown.version = version;
         b.fanout
-            .publish(BusEvent::Presence {
-                user_id: user.clone(),
-                record: record.clone(),
-            })
+            .publish(presence_event(&user, version))
             .await
             .unwrap();
     }
@@ -365,7 +315,7 @@ async fn fanout_delivers_to_watchers_in_order(b: Backends) {
 
 async fn latest_record_is_the_durable_presence(b: Backends) {
     let user = unique("ivan");
-    let now = presence_server::node::now_ms();
+    let now = now_ms();
     let version = |at_ms: i64| at_ms as u64 * 1000;
     let newest = HistoryRecord {
         status: VisibleStatus::Offline,
@@ -430,7 +380,7 @@ suite!(scylla_cached_contacts, scylla_cached_contacts().await);
 /// Contacts durable on the CQL store and cached in Redis, as a node with both
 /// runs them; the other backends embedded.
 async fn scylla_cached_contacts() -> Option<Backends> {
-    let urls = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER")?;
+    let urls = redis_urls()?;
     let backends = scylla(false).await?;
     let contacts = CachedContacts::new(backends.contacts.clone(), &urls)
         .expect("a redis cluster client for the contacts cache");
@@ -495,6 +445,11 @@ async fn cached_contacts_follow_changes_at_once() {
 static REDIS_EXCLUSIVE: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
     std::sync::LazyLock::new(Arc::default);
 
+/// The seed URLs of the cluster under test; see [`common::backend_from_env`].
+fn redis_urls() -> Option<Vec<String>> {
+    common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER")
+}
+
 /// One node's Redis backends, with their own hub.
 async fn redis_node(urls: &[String]) -> (RedisBackends, Arc<Hub>) {
     let hub = Arc::new(Hub::default());
@@ -521,7 +476,7 @@ impl FanOut for Shared {
 
 /// Every backend on the Redis Cluster of `PRESENCE_TEST_REDIS_CLUSTER`.
 async fn redis_cluster() -> Option<Backends> {
-    let urls = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER")?;
+    let urls = redis_urls()?;
     let hold = REDIS_EXCLUSIVE.clone().read_owned().await;
     let (redis, hub) = redis_node(&urls).await;
     Some(Backends {
@@ -534,15 +489,6 @@ async fn redis_cluster() -> Option<Backends> {
         }),
         hub,
     })
-}
-
-fn presence_event(user: &str, version: u64) -> BusEvent {
-    let mut record = UserRecord::default();
-    record.shown.version = version;
-    BusEvent::Presence {
-        user_id: user.to_owned(),
-        record,
-    }
 }
 
 /// Waits until the watcher holds something for every one of `users`.
@@ -563,19 +509,13 @@ async fn pending_for(watcher: &Watcher, users: &[String]) -> HashMap<String, Pen
 
 #[tokio::test]
 async fn redis_change_on_one_node_reaches_watchers_on_another() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (a, _hub_a) = redis_node(&urls).await;
     let (_b, hub_b) = redis_node(&urls).await;
-    // One user per bucket, so every channel (and so every master) is used.
-    let mut users = HashMap::new();
-    while users.len() < usize::from(keys::BUS_BUCKETS) {
-        let user = unique("remote");
-        users.entry(keys::bus_bucket(&user)).or_insert(user);
-    }
-    let users: Vec<String> = users.into_values().collect();
+    let users = user_per_bucket("remote");
     let watcher = hub_b.register("watcher", Viewer::Contact, false);
     for user in &users {
         hub_b.watch(&watcher, user);
@@ -616,7 +556,7 @@ async fn redis_change_on_one_node_reaches_watchers_on_another() {
 
 #[tokio::test]
 async fn redis_unwatched_events_are_skipped_unread() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _shared = REDIS_EXCLUSIVE.read().await;
@@ -637,22 +577,12 @@ async fn redis_unwatched_events_are_skipped_unread() {
 }
 
 async fn open_on(hot: &dyn HotStore, user: &str, node: &str) {
-    hot.apply(
-        user,
-        Mutation::Open {
-            session: session("phone", 1, node),
-            status: None,
-        },
-        presence_server::node::now_ms(),
-        LIMITS,
-    )
-    .await
-    .unwrap();
+    apply(hot, user, open("phone", 1, node), now_ms()).await;
 }
 
 #[tokio::test]
 async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _shared = REDIS_EXCLUSIVE.read().await;
@@ -660,13 +590,7 @@ async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
     let (reclaimer, _) = redis_node(&urls).await;
     let (bystander, _) = redis_node(&urls).await;
     let node = unique("dying-node");
-    assert!(
-        dying
-            .hot
-            .renew_node(&node, Duration::from_millis(300))
-            .await
-            .unwrap()
-    );
+    assert!(renew(dying.hot.as_ref(), &node, Duration::from_millis(300)).await);
     let mut users: Vec<String> = (0..20).map(|i| unique(&format!("u{i}"))).collect();
     users.sort();
     for user in &users {
@@ -675,20 +599,12 @@ async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
     // A user whose session moved to another node is no longer the node's.
     let moved = users.pop().unwrap();
     open_on(dying.hot.as_ref(), &moved, "elsewhere").await;
-    dying
-        .hot
-        .apply(
-            &moved,
-            Mutation::End {
-                device_id: "phone".into(),
-                conn_id: None,
-                reason: OfflineReason::Logout,
-            },
-            presence_server::node::now_ms(),
-            LIMITS,
-        )
-        .await
-        .unwrap();
+    let logout = Mutation::End {
+        device_id: "phone".into(),
+        conn_id: None,
+        reason: OfflineReason::Logout,
+    };
+    apply(dying.hot.as_ref(), &moved, logout, now_ms()).await;
     assert!(!reclaimer.hot.lost_nodes().await.unwrap().contains(&node));
     tokio::time::sleep(Duration::from_millis(600)).await;
 
@@ -697,18 +613,7 @@ async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
     assert!(!bystander.hot.lost_nodes().await.unwrap().contains(&node));
     assert_eq!(reclaimer.hot.users_of_node(&node).await.unwrap(), users);
     for user in &users {
-        let (record, _) = reclaimer
-            .hot
-            .apply(
-                user,
-                Mutation::EndNode {
-                    node_id: node.clone(),
-                },
-                presence_server::node::now_ms(),
-                LIMITS,
-            )
-            .await
-            .unwrap();
+        let (record, _) = apply(reclaimer.hot.as_ref(), user, end_node(&node), now_ms()).await;
         assert_eq!(record.shown.offline_reason, Some(OfflineReason::NodeLost));
     }
     assert!(reclaimer.hot.users_of_node(&node).await.unwrap().is_empty());
@@ -719,7 +624,7 @@ async fn redis_lost_node_is_found_with_its_users_and_reclaimed_once() {
 
 #[tokio::test]
 async fn redis_forgetting_a_node_with_sessions_leaves_them_to_reclaim() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _shared = REDIS_EXCLUSIVE.read().await;
@@ -727,13 +632,7 @@ async fn redis_forgetting_a_node_with_sessions_leaves_them_to_reclaim() {
     let (other, _) = redis_node(&urls).await;
     let node = unique("leaving-node");
     let user = unique("still-online");
-    assert!(
-        leaving
-            .hot
-            .renew_node(&node, Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert!(renew(leaving.hot.as_ref(), &node, Duration::from_secs(30)).await);
     open_on(leaving.hot.as_ref(), &user, &node).await;
     leaving.hot.forget_node(&node).await.unwrap();
     assert!(other.hot.lost_nodes().await.unwrap().contains(&node));
@@ -748,12 +647,7 @@ async fn redis_forgetting_a_node_with_sessions_leaves_them_to_reclaim() {
 /// node does, so that cases leave no lost node behind.
 async fn reclaim(hot: &dyn HotStore, node: &str, users: &[String]) {
     for user in users {
-        let end = Mutation::EndNode {
-            node_id: node.to_owned(),
-        };
-        hot.apply(user, end, presence_server::node::now_ms(), LIMITS)
-            .await
-            .unwrap();
+        apply(hot, user, end_node(node), now_ms()).await;
     }
     hot.forget_node(node).await.unwrap();
     assert!(!hot.lost_nodes().await.unwrap().contains(&node.to_owned()));
@@ -761,47 +655,23 @@ async fn reclaim(hot: &dyn HotStore, node: &str, users: &[String]) {
 
 #[tokio::test]
 async fn redis_renew_reports_a_lease_that_ran_out() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (redis, _) = redis_node(&urls).await;
     let node = unique("slow-node");
-    assert!(
-        redis
-            .hot
-            .renew_node(&node, Duration::from_millis(200))
-            .await
-            .unwrap()
-    );
-    assert!(
-        redis
-            .hot
-            .renew_node(&node, Duration::from_millis(200))
-            .await
-            .unwrap()
-    );
+    assert!(renew(redis.hot.as_ref(), &node, Duration::from_millis(200)).await);
+    assert!(renew(redis.hot.as_ref(), &node, Duration::from_millis(200)).await);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(
-        !redis
-            .hot
-            .renew_node(&node, Duration::from_secs(5))
-            .await
-            .unwrap()
-    );
-    assert!(
-        redis
-            .hot
-            .renew_node(&node, Duration::from_secs(5))
-            .await
-            .unwrap()
-    );
+    assert!(!renew(redis.hot.as_ref(), &node, Duration::from_secs(5)).await);
+    assert!(renew(redis.hot.as_ref(), &node, Duration::from_secs(5)).await);
     redis.hot.forget_node(&node).await.unwrap();
 }
 
 #[tokio::test]
 async fn redis_renew_reports_a_store_that_lost_its_data() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _exclusive = REDIS_EXCLUSIVE.write().await;
@@ -809,45 +679,19 @@ async fn redis_renew_reports_a_store_that_lost_its_data() {
     let node = unique("node");
     let user = unique("user");
     // A fresh store knows no node: the first renew is not a loss.
-    assert!(
-        redis
-            .hot
-            .renew_node(&node, Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert!(renew(redis.hot.as_ref(), &node, Duration::from_secs(30)).await);
     open_on(redis.hot.as_ref(), &user, &node).await;
     flushall(&urls).await;
-    assert!(
-        !redis
-            .hot
-            .renew_node(&node, Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
-    assert!(
-        redis
-            .hot
-            .renew_node(&node, Duration::from_secs(30))
-            .await
-            .unwrap()
-    );
+    assert!(!renew(redis.hot.as_ref(), &node, Duration::from_secs(30)).await);
+    assert!(renew(redis.hot.as_ref(), &node, Duration::from_secs(30)).await);
     // What a node does next: re-assert its sessions. The index comes back
     // with them, so the node's users can be reclaimed again.
-    redis
-        .hot
-        .apply(
-            &user,
-            Mutation::Update {
-                session: session("phone", 1, &node),
-                activity: None,
-                status: None,
-            },
-            presence_server::node::now_ms(),
-            LIMITS,
-        )
-        .await
-        .unwrap();
+    let reassert = Mutation::Update {
+        session: session("phone", 1, &node),
+        activity: None,
+        status: None,
+    };
+    apply(redis.hot.as_ref(), &user, reassert, now_ms()).await;
     assert_eq!(
         redis.hot.users_of_node(&node).await.unwrap(),
         vec![user.clone()]
@@ -925,44 +769,45 @@ async fn masters_for(urls: &[String], slot: u16) -> (u16, Vec<u16>) {
     (owner, masters)
 }
 
-/// Runs `e2e/scripts/redis-cluster.sh` on the cluster under test.
-async fn cluster_script(urls: &[String], args: &[&str]) {
+/// `e2e/scripts/redis-cluster.sh ARGS`, aimed at the cluster under test
+/// unless `REDIS_CLUSTER_BASE_PORT` already names one.
+fn cluster_command(urls: &[String], args: &[&str]) -> std::process::Command {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../e2e/scripts/redis-cluster.sh"
     );
-    let base = urls.iter().map(|url| port_of(url)).min().unwrap();
-    let mut command = tokio::process::Command::new(script);
+    let mut command = std::process::Command::new(script);
     command.args(args);
-    if std::env::var_os("REDIS_CLUSTER_BASE_PORT").is_none() {
+    if std::env::var_os("REDIS_CLUSTER_BASE_PORT").is_none()
+        && let Some(base) = urls.iter().map(|url| port_of(url)).min()
+    {
         command.env("REDIS_CLUSTER_BASE_PORT", base.to_string());
     }
-    let status = command.status().await.expect("running redis-cluster.sh");
+    command
+}
+
+async fn cluster_script(urls: &[String], args: &[&str]) {
+    let status = tokio::process::Command::from(cluster_command(urls, args))
+        .status()
+        .await
+        .expect("running redis-cluster.sh");
     assert!(status.success(), "redis-cluster.sh {args:?} failed");
 }
 
-/// One fresh user per fan-out bucket: between them they live on every master.
-fn user_per_bucket() -> Vec<String> {
+/// One fresh user per fan-out bucket: between them they live on every master
+/// and use every channel.
+fn user_per_bucket(name: &str) -> Vec<String> {
     let mut users = HashMap::new();
     while users.len() < usize::from(keys::BUS_BUCKETS) {
-        let user = unique("everywhere");
+        let user = unique(name);
         users.entry(keys::bus_bucket(&user)).or_insert(user);
     }
     users.into_values().collect()
 }
 
 async fn set_busy(hot: &dyn HotStore, user: &str) -> StoreResult<()> {
-    hot.apply(
-        user,
-        Mutation::SetStatus {
-            chosen: ChosenStatus::Busy,
-            custom_message: format!("{}", rand::random::<u32>()),
-        },
-        presence_server::node::now_ms(),
-        LIMITS,
-    )
-    .await
-    .map(|_| ())
+    let change = busy(rand::random::<u32>().to_string());
+    hot.apply(user, change, now_ms(), LIMITS).await.map(|_| ())
 }
 
 /// Kills the master serving the node registry (and a third of the users and
@@ -972,7 +817,7 @@ async fn set_busy(hot: &dyn HotStore, user: &str) -> StoreResult<()> {
 /// the killed node is started again (as a replica) at the end.
 #[tokio::test]
 async fn redis_store_and_fanout_survive_a_master_failover() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     if std::env::var("PRESENCE_TEST_REDIS_FAILOVER").as_deref() != Ok("1") {
@@ -986,13 +831,8 @@ async fn redis_store_and_fanout_survive_a_master_failover() {
     let (a, _) = redis_node(&urls).await;
     let (b, hub_b) = redis_node(&urls).await;
     let node = unique("node");
-    assert!(
-        a.hot
-            .renew_node(&node, Duration::from_secs(60))
-            .await
-            .unwrap()
-    );
-    let users = user_per_bucket();
+    assert!(renew(a.hot.as_ref(), &node, Duration::from_secs(60)).await);
+    let users = user_per_bucket("everywhere");
     for user in &users {
         set_busy(a.hot.as_ref(), user).await.unwrap();
     }
@@ -1027,10 +867,7 @@ async fn redis_store_and_fanout_survive_a_master_failover() {
         killed.elapsed()
     );
     cluster_script(&urls, &["wait", "30"]).await;
-    a.hot
-        .renew_node(&node, Duration::from_secs(60))
-        .await
-        .unwrap();
+    renew(a.hot.as_ref(), &node, Duration::from_secs(60)).await;
     assert!(a.hot.lost_nodes().await.is_ok());
 
     // B noticed the loss of its subscriptions and restored them.
@@ -1062,16 +899,7 @@ struct RestartOnDrop(u16, Vec<String>);
 
 impl Drop for RestartOnDrop {
     fn drop(&mut self) {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../e2e/scripts/redis-cluster.sh"
-        );
-        let base = self.1.iter().map(|url| port_of(url)).min().unwrap_or(7000);
-        let mut command = std::process::Command::new(script);
-        command.args(["restart-node", &self.0.to_string()]);
-        if std::env::var_os("REDIS_CLUSTER_BASE_PORT").is_none() {
-            command.env("REDIS_CLUSTER_BASE_PORT", base.to_string());
-        }
+        let mut command = cluster_command(&self.1, &["restart-node", &self.0.to_string()]);
         if !command.status().is_ok_and(|status| status.success()) {
             eprintln!("could not restart redis node {}", self.0);
         }
@@ -1084,7 +912,7 @@ impl Drop for RestartOnDrop {
 /// unsubscribes when its slot leaves, is subscribed again on the new owner.
 #[tokio::test]
 async fn redis_follows_a_slot_to_another_master() {
-    let Some(urls) = common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER") else {
+    let Some(urls) = redis_urls() else {
         return;
     };
     let _exclusive = REDIS_EXCLUSIVE.write().await;
@@ -1141,29 +969,10 @@ async fn migrate_slot<F: std::future::Future<Output = ()>>(
 ) {
     let mut source = node_conn(from).await;
     let mut target = node_conn(to).await;
-    let source_id: String = redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query_async(&mut source)
-        .await
-        .unwrap();
-    let target_id: String = redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query_async(&mut target)
-        .await
-        .unwrap();
-    let setslot = |state: &str, id: &str| {
-        let mut cmd = redis::cmd("CLUSTER");
-        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
-        cmd
-    };
-    setslot("IMPORTING", &source_id)
-        .query_async::<()>(&mut target)
-        .await
-        .unwrap();
-    setslot("MIGRATING", &target_id)
-        .query_async::<()>(&mut source)
-        .await
-        .unwrap();
+    let source_id = cluster_myid(&mut source).await;
+    let target_id = cluster_myid(&mut target).await;
+    cluster_setslot(&mut target, slot, "IMPORTING", &source_id).await;
+    cluster_setslot(&mut source, slot, "MIGRATING", &target_id).await;
     loop {
         let keys: Vec<String> = redis::cmd("CLUSTER")
             .arg("GETKEYSINSLOT")
@@ -1188,12 +997,30 @@ async fn migrate_slot<F: std::future::Future<Output = ()>>(
             .unwrap();
     }
     during().await;
-    setslot("NODE", &target_id)
-        .query_async::<()>(&mut target)
+    cluster_setslot(&mut target, slot, "NODE", &target_id).await;
+    cluster_setslot(&mut source, slot, "NODE", &target_id).await;
+}
+
+async fn cluster_myid(conn: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(conn)
         .await
-        .unwrap();
-    setslot("NODE", &target_id)
-        .query_async::<()>(&mut source)
+        .unwrap()
+}
+
+async fn cluster_setslot(
+    conn: &mut redis::aio::MultiplexedConnection,
+    slot: u16,
+    state: &str,
+    node_id: &str,
+) {
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg(state)
+        .arg(node_id)
+        .query_async::<()>(conn)
         .await
         .unwrap();
 }
