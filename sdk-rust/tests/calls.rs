@@ -29,9 +29,7 @@ async fn long_presence_batches_are_split_and_answers_keep_request_order() {
 #[tokio::test]
 async fn history_streams_every_page_in_order() {
     let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(ClientConfig::with_endpoint(&server.url))
-        .await
-        .unwrap();
+    let client = server.client().await;
     let entries: Vec<_> = client
         .get_history("alice", None, None)
         .try_collect()
@@ -51,9 +49,7 @@ async fn history_streams_every_page_in_order() {
 #[tokio::test]
 async fn contacts_can_be_added_listed_and_removed() {
     let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(ClientConfig::with_endpoint(&server.url))
-        .await
-        .unwrap();
+    let client = server.client().await;
     assert_eq!(
         client
             .add_contacts("alice", &["bob", "carol"])

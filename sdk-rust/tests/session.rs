@@ -20,6 +20,42 @@ fn config(urls: &[&str]) -> ClientConfig {
     }
 }
 
+async fn connect(server: &FakeServer) -> PresenceClient {
+    PresenceClient::connect(config(&[&server.url]))
+        .await
+        .unwrap()
+}
+
+/// A fake asking for a beat every `heartbeat_interval_ms`, and a client with
+/// a session on it.
+async fn in_session(heartbeat_interval_ms: u32) -> (FakeServer, PresenceClient) {
+    let server = FakeServer::start(heartbeat_interval_ms).await;
+    let client = connect(&server).await;
+    client
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    (server, client)
+}
+
+async fn wait_for_an_idle_beat(server: &FakeServer) {
+    eventually("an idle beat", || {
+        server
+            .log()
+            .beats
+            .iter()
+            .any(|b| b.activity() == Activity::Idle)
+    })
+    .await;
+}
+
+async fn wait_for_the_stream_to_close(server: &FakeServer) {
+    eventually("the stream closed", || {
+        server.log().heartbeat_streams_ended == 1
+    })
+    .await;
+}
+
 async fn wait_connected(client: &PresenceClient) -> String {
     let mut state = client.session_state();
     let state = within(
@@ -38,9 +74,7 @@ async fn wait_connected(client: &PresenceClient) -> String {
 #[tokio::test]
 async fn a_session_opens_with_the_device_and_beats_at_the_interval_the_server_chose() {
     let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
+    let client = connect(&server).await;
     let options = SessionOptions {
         status: UserStatus::Busy,
         custom_message: "focus".into(),
@@ -69,35 +103,14 @@ async fn a_session_opens_with_the_device_and_beats_at_the_interval_the_server_ch
 #[tokio::test]
 async fn an_activity_change_is_sent_at_once_not_at_the_next_beat() {
     // Beats every 10 s: an idle beat within a second can only be the change.
-    let server = FakeServer::start(10_000).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = in_session(10_000).await;
     client.set_activity(Activity::Idle).unwrap();
-    eventually("an idle beat", || {
-        server
-            .log()
-            .beats
-            .iter()
-            .any(|b| b.activity() == Activity::Idle)
-    })
-    .await;
+    wait_for_an_idle_beat(&server).await;
 }
 
 #[tokio::test]
 async fn quick_activity_flips_coalesce_into_few_beats_carrying_the_latest() {
-    let server = FakeServer::start(10_000).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = in_session(10_000).await;
     let started = std::time::Instant::now();
     for i in 0..30 {
         let activity = if i % 2 == 0 {
@@ -134,24 +147,10 @@ async fn quick_activity_flips_coalesce_into_few_beats_carrying_the_latest() {
 
 #[tokio::test]
 async fn a_broken_stream_reopens_the_same_device_with_the_current_activity_and_status() {
-    let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = in_session(50).await;
     client.set_activity(Activity::Idle).unwrap();
     client.set_status(UserStatus::Busy, "lunch").await.unwrap();
-    eventually("an idle beat", || {
-        server
-            .log()
-            .beats
-            .iter()
-            .any(|b| b.activity() == Activity::Idle)
-    })
-    .await;
+    wait_for_an_idle_beat(&server).await;
 
     let mut state = client.session_state();
     server.kill_streams();
@@ -205,14 +204,7 @@ async fn a_go_away_moves_the_session_to_the_next_endpoint_after_the_requested_de
 
 #[tokio::test]
 async fn end_session_stops_beating_and_logs_the_device_out() {
-    let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
+    let (server, client) = in_session(50).await;
     eventually("a beat", || !server.log().beats.is_empty()).await;
 
     client.end_session().await.unwrap();
@@ -221,10 +213,7 @@ async fn end_session_stops_beating_and_logs_the_device_out() {
         *client.session_state().borrow(),
         SessionState::Closed { error: None }
     ));
-    eventually("the stream closed", || {
-        server.log().heartbeat_streams_ended == 1
-    })
-    .await;
+    wait_for_the_stream_to_close(&server).await;
     let beats = server.log().beats.len();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -248,15 +237,8 @@ async fn end_session_stops_beating_and_logs_the_device_out() {
 
 #[tokio::test]
 async fn dropping_the_last_handle_stops_the_session_task() {
-    let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
+    let (server, client) = in_session(50).await;
     let clone = client.clone();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
     let mut state = client.session_state();
     drop(client);
     eventually("a beat", || !server.log().beats.is_empty()).await;
@@ -273,10 +255,7 @@ async fn dropping_the_last_handle_stops_the_session_task() {
     )
     .await
     .unwrap();
-    eventually("the stream closed", || {
-        server.log().heartbeat_streams_ended == 1
-    })
-    .await;
+    wait_for_the_stream_to_close(&server).await;
     // No Disconnect: the server's grace period decides.
     assert!(server.log().disconnects.is_empty());
 }
@@ -308,14 +287,7 @@ async fn a_rejected_token_fails_start_session_and_nothing_keeps_retrying() {
 
 #[tokio::test]
 async fn a_second_session_on_the_same_client_is_refused() {
-    let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
-    client
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
+    let (_server, client) = in_session(50).await;
     assert!(matches!(
         client.start_session(SessionOptions::default()).await,
         Err(Error::SessionAlreadyStarted)
@@ -325,9 +297,7 @@ async fn a_second_session_on_the_same_client_is_refused() {
 #[tokio::test]
 async fn set_status_works_without_a_session_and_reports_rejections_to_the_caller() {
     let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
+    let client = connect(&server).await;
     let presence = client
         .set_status(UserStatus::Busy, "away")
         .await
@@ -344,9 +314,7 @@ async fn set_status_works_without_a_session_and_reports_rejections_to_the_caller
 #[tokio::test]
 async fn touch_renews_the_device_lease_without_a_stream() {
     let server = FakeServer::start(50).await;
-    let client = PresenceClient::connect(config(&[&server.url]))
-        .await
-        .unwrap();
+    let client = connect(&server).await;
     let response = client.touch(Activity::Idle).await.unwrap();
     assert_eq!(response.heartbeat_interval_ms, 50);
     let log = server.log();

@@ -26,15 +26,19 @@ fn presence(update: PresenceUpdate) -> (String, u64) {
     }
 }
 
-#[tokio::test]
-async fn a_watch_delivers_the_snapshot_then_changes() {
+/// A fake that knows alice (online, version 1) and bob (offline, version 4),
+/// and a watch of a client's contacts on it.
+async fn watching_alice_and_bob() -> (FakeServer, PresenceStream) {
     let server = FakeServer::start(50).await;
     server.publish("alice", VisibleStatus::Online, 1);
     server.publish("bob", VisibleStatus::Offline, 4);
-    let client = PresenceClient::connect(ClientConfig::with_endpoint(&server.url))
-        .await
-        .unwrap();
-    let mut updates = client.watch_contacts();
+    let updates = server.client().await.watch_contacts();
+    (server, updates)
+}
+
+#[tokio::test]
+async fn a_watch_delivers_the_snapshot_then_changes() {
+    let (server, mut updates) = watching_alice_and_bob().await;
 
     assert_eq!(presence(next(&mut updates).await), ("alice".into(), 1));
     assert_eq!(presence(next(&mut updates).await), ("bob".into(), 4));
@@ -48,13 +52,7 @@ async fn a_watch_delivers_the_snapshot_then_changes() {
 
 #[tokio::test]
 async fn a_resumed_watch_sends_known_versions_and_shows_only_what_changed() {
-    let server = FakeServer::start(50).await;
-    server.publish("alice", VisibleStatus::Online, 1);
-    server.publish("bob", VisibleStatus::Offline, 4);
-    let client = PresenceClient::connect(ClientConfig::with_endpoint(&server.url))
-        .await
-        .unwrap();
-    let mut updates = client.watch_contacts();
+    let (server, mut updates) = watching_alice_and_bob().await;
     let mut map = PresenceMap::new();
     for _ in 0..3 {
         map.apply(&next(&mut updates).await);
@@ -130,10 +128,7 @@ async fn an_admin_watch_names_its_users() {
     let server = FakeServer::start(50).await;
     server.publish("alice", VisibleStatus::Online, 1);
     server.publish("bob", VisibleStatus::Online, 1);
-    let client = PresenceClient::connect(ClientConfig::with_endpoint(&server.url))
-        .await
-        .unwrap();
-    let mut updates = client.watch_users(["bob"]);
+    let mut updates = server.client().await.watch_users(["bob"]);
     assert_eq!(presence(next(&mut updates).await), ("bob".into(), 1));
     assert_eq!(
         next(&mut updates).await,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use presence_sdk::proto::contacts_service_server::{ContactsService, ContactsServiceServer};
 use presence_sdk::proto::presence_service_server::{PresenceService, PresenceServiceServer};
 use presence_sdk::proto::*;
+use presence_sdk::{ClientConfig, PresenceClient};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
@@ -111,7 +112,14 @@ impl FakeServer {
     }
 
     pub fn log(&self) -> std::sync::MutexGuard<'_, Log> {
-        self.shared.log.lock().unwrap()
+        self.shared.log()
+    }
+
+    /// A client of this fake with the default configuration.
+    pub async fn client(&self) -> PresenceClient {
+        PresenceClient::connect(ClientConfig::with_endpoint(&self.url))
+            .await
+            .unwrap()
     }
 
     /// Fails every open stream, as if the node crashed.
@@ -165,6 +173,31 @@ pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output 
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
+impl Shared {
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap()
+    }
+
+    /// Applies `change` to both ends of each link between `user_id` and
+    /// `contact_ids`; counts the links it changed on the side of `user_id`.
+    fn change_links(
+        &self,
+        user_id: &str,
+        contact_ids: Vec<String>,
+        change: fn(&mut BTreeSet<String>, &str) -> bool,
+    ) -> u32 {
+        let mut contacts = self.contacts.lock().unwrap();
+        let mut changed = 0;
+        for id in contact_ids {
+            if change(contacts.entry(user_id.to_owned()).or_default(), &id) {
+                changed += 1;
+            }
+            change(contacts.entry(id).or_default(), user_id);
+        }
+        changed
+    }
+}
+
 #[tonic::async_trait]
 impl PresenceService for Shared {
     type HeartbeatStream = Stream<HeartbeatResponse>;
@@ -181,7 +214,7 @@ impl PresenceService for Shared {
             }) => open,
             _ => return Err(Status::invalid_argument("first message must be open")),
         };
-        self.log.lock().unwrap().opens.push(open);
+        self.log().opens.push(open);
         let (tx, rx) = mpsc::channel(16);
         let opened = SessionOpened {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
@@ -231,7 +264,7 @@ impl PresenceService for Shared {
         &self,
         request: Request<TouchRequest>,
     ) -> Result<Response<TouchResponse>, Status> {
-        self.log.lock().unwrap().touches.push(request.into_inner());
+        self.log().touches.push(request.into_inner());
         Ok(Response::new(TouchResponse {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             lease_ms: self.lease_ms,
@@ -242,11 +275,7 @@ impl PresenceService for Shared {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectResponse>, Status> {
-        self.log
-            .lock()
-            .unwrap()
-            .disconnects
-            .push(request.into_inner().device_id);
+        self.log().disconnects.push(request.into_inner().device_id);
         Ok(Response::new(DisconnectResponse {}))
     }
 
@@ -266,7 +295,7 @@ impl PresenceService for Shared {
             version: 1,
             ..Presence::default()
         };
-        self.log.lock().unwrap().set_status.push(request);
+        self.log().set_status.push(request);
         Ok(Response::new(SetStatusResponse {
             presence: Some(presence),
         }))
@@ -277,7 +306,7 @@ impl PresenceService for Shared {
         request: Request<GetPresenceRequest>,
     ) -> Result<Response<GetPresenceResponse>, Status> {
         let ids = request.into_inner().user_ids;
-        self.log.lock().unwrap().presence_batches.push(ids.clone());
+        self.log().presence_batches.push(ids.clone());
         let known = self.presences.lock().unwrap();
         let presences = ids
             .into_iter()
@@ -297,11 +326,7 @@ impl PresenceService for Shared {
         request: Request<WatchContactsRequest>,
     ) -> Result<Response<Self::WatchContactsStream>, Status> {
         let request = request.into_inner();
-        self.log
-            .lock()
-            .unwrap()
-            .watch_requests
-            .push(request.clone());
+        self.log().watch_requests.push(request.clone());
         // Deliberately ignores `known_versions` and replays everything: the
         // worst a server may do, which the SDK must filter.
         let mut snapshot: Vec<Presence> =
@@ -359,11 +384,7 @@ impl PresenceService for Shared {
         request: Request<GetHistoryRequest>,
     ) -> Result<Response<GetHistoryResponse>, Status> {
         let request = request.into_inner();
-        self.log
-            .lock()
-            .unwrap()
-            .history_requests
-            .push(request.clone());
+        self.log().history_requests.push(request.clone());
         let start: u64 = if request.page_token.is_empty() {
             0
         } else {
@@ -400,21 +421,9 @@ impl ContactsService for Shared {
         request: Request<AddContactsRequest>,
     ) -> Result<Response<AddContactsResponse>, Status> {
         let request = request.into_inner();
-        let mut contacts = self.contacts.lock().unwrap();
-        let mut added = 0;
-        for id in request.contact_ids {
-            if contacts
-                .entry(request.user_id.clone())
-                .or_default()
-                .insert(id.clone())
-            {
-                added += 1;
-            }
-            contacts
-                .entry(id)
-                .or_default()
-                .insert(request.user_id.clone());
-        }
+        let added = self.change_links(&request.user_id, request.contact_ids, |links, id| {
+            links.insert(id.to_owned())
+        });
         Ok(Response::new(AddContactsResponse { added }))
     }
 
@@ -423,18 +432,9 @@ impl ContactsService for Shared {
         request: Request<RemoveContactsRequest>,
     ) -> Result<Response<RemoveContactsResponse>, Status> {
         let request = request.into_inner();
-        let mut contacts = self.contacts.lock().unwrap();
-        let mut removed = 0;
-        for id in request.contact_ids {
-            if contacts
-                .entry(request.user_id.clone())
-                .or_default()
-                .remove(&id)
-            {
-                removed += 1;
-            }
-            contacts.entry(id).or_default().remove(&request.user_id);
-        }
+        let removed = self.change_links(&request.user_id, request.contact_ids, |links, id| {
+            links.remove(id)
+        });
         Ok(Response::new(RemoveContactsResponse { removed }))
     }
 
