@@ -430,6 +430,7 @@ impl Node {
         open: OpenRequest,
     ) -> Result<(SessionKey, Session, UserRecord), ApiError> {
         self.check_serving()?;
+        self.restore_from_durable(&caller.user_id).await;
         let session = self.new_session(open.device_id.clone(), open.platform, open.activity);
         let record = self
             .mutate(
@@ -527,6 +528,9 @@ impl Node {
         }
         self.leases
             .hold(key.clone(), session.clone(), self.config.lease);
+        if held.is_none() {
+            self.restore_from_durable(&caller.user_id).await;
+        }
         if held.is_none() || changed_activity.is_some() {
             self.mutate(
                 &caller.user_id,
@@ -672,10 +676,67 @@ impl Node {
         // so a user the hot store does not know yet may well be online.
         let no_live_session =
             hot_answered && !self.degraded.durable_is_current(self.config.node_lease);
-        for (i, last) in missing.into_iter().zip(lasts) {
-            records[i] = last.map(|last| degraded::durable_record(last, no_live_session));
+        for (i, last) in missing.iter().zip(lasts) {
+            records[*i] = last.map(|last| degraded::durable_record(last, no_live_session));
+        }
+        // Cache-aside: the hot store gets the users it missed back, so the
+        // next read does not ask the durable store again.
+        if no_live_session && self.durable_outlives_hot() {
+            let seeds: Vec<(String, UserRecord)> = missing
+                .iter()
+                .filter_map(|i| Some((user_ids[*i].clone(), records[*i].clone()?)))
+                .collect();
+            let hot = self.backends.hot.clone();
+            tokio::spawn(async move {
+                for (user_id, record) in seeds {
+                    if let Err(error) = hot.seed(&user_id, &record).await {
+                        tracing::debug!(%error, user_id, "refilling the hot store failed");
+                        return;
+                    }
+                }
+            });
         }
         Ok(records)
+    }
+
+    /// Whether the durable store keeps what the hot store can lose: presence
+    /// in ScyllaDB behind Redis. (The embedded hot store never loses a user,
+    /// and history kept in Redis is lost with it.)
+    fn durable_outlives_hot(&self) -> bool {
+        !self.config.scylla.is_empty() && !self.config.redis_cluster.is_empty()
+    }
+
+    /// Before a device opens a session of a user the hot store does not know
+    /// (it restarted empty, or the user's record expired): puts back what the
+    /// durable store last knew of the user, so that the session builds on
+    /// the user's choice and an invisible user does not come back visible.
+    /// Best effort: if either store fails, the session opens as it would
+    /// without a durable store.
+    async fn restore_from_durable(&self, user_id: &str) {
+        if !self.durable_outlives_hot() || self.degraded.hot_down() {
+            return;
+        }
+        let ids = [user_id.to_owned()];
+        match self.backends.hot.get(&ids).await {
+            Ok(records) if records.iter().all(Option::is_none) => {}
+            _ => return,
+        }
+        let last = match self.backends.history.last(&ids).await {
+            Ok(lasts) => lasts.into_iter().flatten().next(),
+            Err(error) => {
+                tracing::warn!(%error, user_id, "reading what the hot store lost of a user failed");
+                return;
+            }
+        };
+        if let Some(last) = last
+            && let Err(error) = self
+                .backends
+                .hot
+                .seed(user_id, &degraded::durable_record(last, true))
+                .await
+        {
+            tracing::warn!(%error, user_id, "restoring a user the hot store lost failed");
+        }
     }
 
     /// The history of `user_id` as `caller` may see it.

@@ -205,6 +205,29 @@ async fn node_lease_tracks_users_of_the_node(b: Backends) {
     hot.forget_node(&node).await.unwrap();
 }
 
+async fn seeding_fills_only_a_missing_record(b: Backends) {
+    let user = unique("carol");
+    let mut durable = UserRecord {
+        chosen: ChosenStatus::Invisible,
+        ..UserRecord::default()
+    };
+    durable.shown.version = 7_000_000;
+    durable.shown.last_seen_ms = 7_000;
+    assert!(b.hot.seed(&user, &durable).await.unwrap());
+    let stored = b.hot.get(std::slice::from_ref(&user)).await.unwrap();
+    assert_eq!(stored[0].as_ref(), Some(&durable));
+
+    // A session opened on the seeded record keeps the user's choice.
+    let (record, applied) = apply(&*b.hot, &user, open("phone", 1, "n1"), 8_000).await;
+    assert!(!applied.shown_changed, "an invisible user stays unseen");
+    assert_eq!(record.chosen, ChosenStatus::Invisible);
+
+    // Anything the store knows wins over a seed.
+    assert!(!b.hot.seed(&user, &durable).await.unwrap());
+    let stored = b.hot.get(std::slice::from_ref(&user)).await.unwrap();
+    assert_eq!(stored[0].as_ref(), Some(&record));
+}
+
 async fn status_change_is_versioned(b: Backends) {
     let (hot, user) = (b.hot.as_ref(), unique("frank"));
     let (opened, _) = apply(hot, &user, open("phone", 1, "n1"), 5_000).await;
@@ -346,6 +369,7 @@ macro_rules! suite {
                 stale_connection_cannot_end_a_newer_session,
                 node_lease_tracks_users_of_the_node,
                 status_change_is_versioned,
+                seeding_fills_only_a_missing_record,
                 contacts_are_mutual_and_bounded,
                 history_pages_in_order_without_duplicates,
                 fanout_delivers_to_watchers_in_order,

@@ -47,6 +47,15 @@ impl HotStore for EmbeddedHotStore {
         Ok(user_ids.iter().map(|id| users.get(id).cloned()).collect())
     }
 
+    async fn seed(&self, user_id: &str, record: &UserRecord) -> StoreResult<bool> {
+        let mut users = self.users.lock();
+        if users.contains_key(user_id) {
+            return Ok(false);
+        }
+        users.insert(user_id.to_owned(), record.clone());
+        Ok(true)
+    }
+
     /// One process is one node: it cannot outlive its own store.
     async fn renew_node(&self, _node_id: &str, _ttl: Duration) -> StoreResult<bool> {
         Ok(true)

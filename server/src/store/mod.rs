@@ -45,6 +45,11 @@ pub trait HotStore: Send + Sync + 'static {
     /// seen (or forgotten).
     async fn get(&self, user_ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>>;
 
+    /// Writes `record` (a user without sessions, as the durable store knew
+    /// them) unless the store knows the user: anything written through
+    /// `apply` wins over it. Returns whether it was written.
+    async fn seed(&self, user_id: &str, record: &UserRecord) -> StoreResult<bool>;
+
     /// Marks `node_id` alive for `ttl`. Returns false if the store did not
     /// know the node any more (it lost its data, or declared the node lost):
     /// the node must then re-assert every session it holds.

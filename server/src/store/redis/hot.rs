@@ -280,6 +280,28 @@ impl HotStore for RedisHotStore {
             .await
     }
 
+    async fn seed(&self, user_id: &str, record: &UserRecord) -> StoreResult<bool> {
+        // The compare-and-set against revision 0 writes only a missing record.
+        // A seeded record has no sessions, so no node index is involved.
+        let data = encode("user record", record)?;
+        let (written, _, _): (i64, u64, Vec<u8>) = self
+            .redis
+            .run(async {
+                let mut conn = self.redis.conn().await?;
+                Ok(CAS_RECORD
+                    .key(keys::user(user_id))
+                    .arg(0)
+                    .arg(data)
+                    .arg(user_id)
+                    .arg(0)
+                    .arg(self.idle_record_ttl_ms)
+                    .invoke_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        Ok(written == 1)
+    }
+
     async fn renew_node(&self, node_id: &str, ttl: Duration) -> StoreResult<bool> {
         let registered_before = self.registered.lock().contains(node_id);
         let known: i64 = self
