@@ -7,7 +7,10 @@ mod support;
 use std::time::Duration;
 
 use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
-use support::{TestServer, admin_token, authed, befriend, token, user};
+use support::{
+    RawSession, TestServer, admin_token, authed, befriend, raw_watch, session_beat, session_open,
+    token, user,
+};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -48,25 +51,6 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
     }
 }
 
-fn open(device: &str) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest {
-        request: Some(heartbeat_request::Request::Open(pb::SessionOpen {
-            device_id: device.into(),
-            platform: pb::Platform::Desktop as i32,
-            ..Default::default()
-        })),
-    }
-}
-
-fn beat(seq: u64) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest {
-        request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
-            seq,
-            ..Default::default()
-        })),
-    }
-}
-
 /// Sends `messages` on a heartbeat stream and returns the first error the
 /// server ends the stream with.
 async fn heartbeat_error(
@@ -101,7 +85,7 @@ async fn every_rpc_refuses_missing_and_invalid_tokens() {
         let mut contacts = server.contacts().await;
         let c = &credentials;
         assert_code(
-            heartbeat_error(&server, with_credentials(vec![open("d")], c)).await,
+            heartbeat_error(&server, with_credentials(vec![session_open("d")], c)).await,
             Code::Unauthenticated,
             &format!("Heartbeat, {what}"),
         );
@@ -335,18 +319,18 @@ async fn malformed_and_oversized_input_is_refused() {
 
     // Heartbeat: the first message must be an open, with a valid device.
     for (what, messages) in [
-        ("first message a beat", vec![beat(1)]),
+        ("first message a beat", vec![session_beat(1)]),
         (
             "empty request",
             vec![pb::HeartbeatRequest { request: None }],
         ),
-        ("empty device id", vec![open("")]),
-        ("oversized device id", vec![open(&long_id)]),
+        ("empty device id", vec![session_open("")]),
+        ("oversized device id", vec![session_open(&long_id)]),
         (
             "control characters in the device id",
-            vec![open("dev\u{0}ice")],
+            vec![session_open("dev\u{0}ice")],
         ),
-        ("a second open", vec![open("d"), open("d")]),
+        ("a second open", vec![session_open("d"), session_open("d")]),
         (
             "an unknown platform",
             vec![pb::HeartbeatRequest {
@@ -360,7 +344,7 @@ async fn malformed_and_oversized_input_is_refused() {
         (
             "an unknown activity in a beat",
             vec![
-                open("d"),
+                session_open("d"),
                 pb::HeartbeatRequest {
                     request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
                         seq: 1,
@@ -373,7 +357,7 @@ async fn malformed_and_oversized_input_is_refused() {
         (
             "a custom message over the limit",
             vec![
-                open("d"),
+                session_open("d"),
                 pb::HeartbeatRequest {
                     request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
                         seq: 1,
@@ -667,8 +651,8 @@ async fn limits_answer_resource_exhausted() {
     );
 
     // Beats faster than allowed end that stream, and only that stream.
-    let flood: Vec<_> = std::iter::once(open("flood"))
-        .chain((0..50).map(beat))
+    let flood: Vec<_> = std::iter::once(session_open("flood"))
+        .chain((0..50).map(session_beat))
         .collect();
     let bob = user("bob");
     assert_code(
@@ -685,23 +669,14 @@ async fn bad_input_on_one_stream_leaves_other_streams_alone() {
     let (alice, bob, mallory) = (user("alice"), user("bob"), user("mallory"));
     befriend(&server, &alice, &[&bob]).await;
     let mut presence = server.presence().await;
-    let mut watch = presence
-        .watch_contacts(authed(pb::WatchContactsRequest::default(), &token(&alice)))
-        .await
-        .unwrap()
-        .into_inner();
-    // Snapshot: bob (never seen), then the end of the snapshot.
-    while let Some(event) = watch.message().await.unwrap() {
-        if matches!(
-            event.event,
-            Some(presence_event::Event::SnapshotComplete(_))
-        ) {
-            break;
-        }
-    }
+    let mut watch = raw_watch(presence.clone(), &alice).await;
 
     // Mallory misbehaves on the same connection and on her own.
-    for messages in [vec![beat(1)], vec![open("")], vec![open("m"), open("m")]] {
+    for messages in [
+        vec![session_beat(1)],
+        vec![session_open("")],
+        vec![session_open("m"), session_open("m")],
+    ] {
         assert!(
             heartbeat_error(&server, authed(messages, &token(&mallory)))
                 .await
@@ -720,13 +695,7 @@ async fn bad_input_on_one_stream_leaves_other_streams_alone() {
         .unwrap_err();
 
     // Bob comes online; alice's stream still works.
-    let (beats, outbound) = tokio::sync::mpsc::channel(4);
-    beats.send(open("phone")).await.unwrap();
-    let request = authed(
-        tokio_stream::wrappers::ReceiverStream::new(outbound),
-        &token(&bob),
-    );
-    let _bob_session = presence.heartbeat(request).await.unwrap().into_inner();
+    let _bob_session = RawSession::open(presence.clone(), &bob, "phone").await;
     let event = tokio::time::timeout(support::VISIBLE_WITHIN, watch.message())
         .await
         .expect("alice's watch still delivers")

@@ -13,48 +13,35 @@ mod nodes;
 mod support;
 
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use nodes::{NODE_LEASE, RedisCluster, ServerNode, node_config, redis_cluster, start_nodes};
-use presence_proto::v1::{self as pb, heartbeat_request, heartbeat_response};
+use nodes::{
+    NODE_LEASE, RedisCluster, ServerNode, node_config, redis_cluster, serial, start_nodes,
+};
+use presence_proto::v1 as pb;
 use presence_sdk::{
     Activity, Backoff, ClientConfig, OfflineReason, PresenceClient, PresenceUpdate, SessionOptions,
     SessionState, UserStatus, VisibleStatus,
 };
 use presence_server::store::redis::keys;
 use support::{
-    HEARTBEAT, VISIBLE_WITHIN, admin_token, assert_quiet, authed, snapshot, token, user, wait_for,
+    ContactWatch, HEARTBEAT, Interruptions, RawSession, VISIBLE_WITHIN, admin_token, session_beat,
+    token, user,
 };
 
 /// How long a node's fan-out may take to notice subscriptions Redis dropped
 /// without telling (its probe round, every 10 s) and to refill its watchers.
 const FANOUT_REPAIRED_WITHIN: Duration = Duration::from_secs(13);
 
-/// One test at a time: they share the cluster, and some take it down.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
-        .lock()
-        .await
-}
-
 /// The cluster, healthy, with the test holding it; `None` if not configured.
 async fn setup() -> Option<(RedisCluster, tokio::sync::MutexGuard<'static, ()>)> {
     let cluster = redis_cluster()?;
     let guard = serial().await;
     // A test before this one may have failed over or restarted the cluster.
-    let waiting = cluster.clone();
-    tokio::task::spawn_blocking(move || waiting.script(&["wait", "30"]))
-        .await
-        .unwrap();
+    script(&cluster, &["wait", "30"]).await;
     Some((cluster, guard))
-}
-
-fn is(status: VisibleStatus) -> impl Fn(&pb::Presence) -> bool {
-    move |p| p.status() == status
 }
 
 /// An SDK client for `user` on `device`, going to `nodes` in this order.
@@ -94,6 +81,26 @@ async fn befriend_via(node: &ServerNode, user: &str, contacts: &[&str]) {
         .await
         .unwrap();
     assert!(added <= contacts.len() as u32);
+}
+
+/// Alice, a client of `node`, watching her one contact, `bob`.
+async fn alice_watching(node: &ServerNode, bob: &str) -> (PresenceClient, ContactWatch) {
+    let alice = user("alice");
+    befriend_via(node, &alice, &[bob]).await;
+    let watcher = client_on(&[node], &alice, "alice-laptop").await;
+    let watch = ContactWatch::open(&watcher, bob).await;
+    (watcher, watch)
+}
+
+/// Bob's phone on `node`, with a session `watch` has seen come online.
+async fn bob_online(node: &ServerNode, watch: &mut ContactWatch) -> (PresenceClient, pb::Presence) {
+    let phone = client_on(&[node], &watch.contact, "bob-phone").await;
+    phone
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    let online = watch.sees(VisibleStatus::Online).await;
+    (phone, online)
 }
 
 /// Reads `updates` for `span`, failing on any OFFLINE presence of `user`;
@@ -163,30 +170,13 @@ struct BeatingSession {
 
 impl BeatingSession {
     async fn open(node: &ServerNode, user: &str, device: &str) -> BeatingSession {
-        let (outbound, rx) = tokio::sync::mpsc::channel(8);
-        outbound
-            .send(pb::HeartbeatRequest {
-                request: Some(heartbeat_request::Request::Open(pb::SessionOpen {
-                    device_id: device.into(),
-                    platform: pb::Platform::Android as i32,
-                    ..Default::default()
-                })),
-            })
+        let stub = pb::presence_service_client::PresenceServiceClient::connect(node.url())
             .await
             .unwrap();
-        let mut stub = pb::presence_service_client::PresenceServiceClient::connect(node.url())
-            .await
-            .unwrap();
-        let request = authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &token(user),
-        );
-        let mut inbound = stub.heartbeat(request).await.unwrap().into_inner();
-        let opened = inbound.message().await.unwrap().unwrap();
-        assert!(matches!(
-            opened.response,
-            Some(heartbeat_response::Response::Opened(_))
-        ));
+        let RawSession {
+            outbound,
+            mut inbound,
+        } = RawSession::open(stub, user, device).await;
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             let mut seq = 0;
@@ -194,10 +184,7 @@ impl BeatingSession {
                 tokio::select! {
                     _ = tick.tick() => {
                         seq += 1;
-                        let beat = pb::HeartbeatRequest {
-                            request: Some(heartbeat_request::Request::Beat(pb::SessionBeat { seq, ..Default::default() })),
-                        };
-                        if outbound.send(beat).await.is_err() {
+                        if outbound.send(session_beat(seq)).await.is_err() {
                             return;
                         }
                     }
@@ -261,10 +248,9 @@ async fn a_watcher_on_one_node_sees_a_device_on_another_come_online_change_and_g
     befriend_via(n3, &alice, &[&bob]).await;
 
     let watcher = client_on(&[n1], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    let first = snapshot(&mut updates).await;
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0].status(), VisibleStatus::Offline);
+    let mut watch = ContactWatch::open(&watcher, &bob).await;
+    assert_eq!(watch.snapshot.len(), 1);
+    assert_eq!(watch.snapshot[0].status(), VisibleStatus::Offline);
 
     let phone = client_on(&[n2], &bob, "bob-phone").await;
     let mut latencies = Vec::new();
@@ -274,20 +260,14 @@ async fn a_watcher_on_one_node_sees_a_device_on_another_come_online_change_and_g
         .start_session(SessionOptions::default())
         .await
         .unwrap();
-    let (online, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let online = watch.sees(VisibleStatus::Online).await;
     latencies.push(("online", started.elapsed()));
     assert!(online.version > 0);
     assert!(online.devices.is_empty(), "contacts never see devices");
 
     let started = Instant::now();
     phone.set_activity(Activity::Idle).unwrap();
-    let (idle, _) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    let idle = watch.sees(VisibleStatus::Idle).await;
     latencies.push(("idle", started.elapsed()));
     assert!(idle.version > online.version);
 
@@ -296,20 +276,14 @@ async fn a_watcher_on_one_node_sees_a_device_on_another_come_online_change_and_g
         .set_status(UserStatus::Busy, "on node 2")
         .await
         .unwrap();
-    let (busy, _) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Busy)).await;
+    let busy = watch.sees(VisibleStatus::Busy).await;
     latencies.push(("busy", started.elapsed()));
     assert_eq!(busy.custom_message, "on node 2");
     assert!(busy.version > idle.version);
 
     let started = Instant::now();
     phone.end_session().await.unwrap();
-    let (offline, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let offline = watch.sees(VisibleStatus::Offline).await;
     latencies.push(("offline", started.elapsed()));
     assert_eq!(offline.offline_reason(), OfflineReason::Logout);
     assert!(offline.version > busy.version);
@@ -343,18 +317,12 @@ async fn a_contact_added_through_a_third_node_joins_open_watches() {
         .await
         .unwrap();
     let watcher = client_on(&[n1], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    assert!(snapshot(&mut updates).await.is_empty(), "no contacts yet");
+    let mut watch = ContactWatch::open(&watcher, &bob).await;
+    assert!(watch.snapshot.is_empty(), "no contacts yet");
 
     let started = Instant::now();
     befriend_via(n3, &alice, &[&bob]).await;
-    let (joined, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let joined = watch.sees(VisibleStatus::Online).await;
     println!(
         "contact added on node 3 reached the watch on node 1 in {:?}",
         started.elapsed()
@@ -363,12 +331,12 @@ async fn a_contact_added_through_a_third_node_joins_open_watches() {
 
     let started = Instant::now();
     bob_device.set_activity(Activity::Idle).unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
     bob_device
         .set_status(UserStatus::Busy, "joined")
         .await
         .unwrap();
-    let (busy, _) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Busy)).await;
+    let busy = watch.sees(VisibleStatus::Busy).await;
     assert_eq!(busy.custom_message, "joined");
     println!(
         "bob's two changes on node 2 reached alice on node 1 in {:?}",
@@ -388,32 +356,19 @@ async fn a_killed_node_leaves_no_ghost_online() {
     };
     let mut nodes = start_nodes(&cluster, "killed-node", &["node1", "node2"]).await;
     let bound = node_config(&cluster).staleness_bound();
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend_via(&nodes[0], &alice, &[&bob]).await;
-    let watcher = client_on(&[&nodes[0]], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    snapshot(&mut updates).await;
+    let bob = user("bob");
+    let (watcher, mut watch) = alice_watching(&nodes[0], &bob).await;
 
     let session = BeatingSession::open(&nodes[1], &bob, "bob-phone").await;
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
     // Let a few beats and node lease renewals go by.
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     let killed = Instant::now();
     nodes[1].kill();
-    let (offline, _) = wait_for(
-        &mut updates,
-        &bob,
-        bound + VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let offline = watch
+        .sees_within(VisibleStatus::Offline, bound + VISIBLE_WITHIN)
+        .await;
     let took = killed.elapsed();
     println!(
         "node 2 killed: bob offline (NODE_LOST) for alice after {took:?}; staleness bound {bound:?}"
@@ -450,7 +405,7 @@ async fn a_killed_node_leaves_no_ghost_online() {
         ),
         "history: {history:?}"
     );
-    assert_quiet(&mut updates, &bob, Duration::from_millis(300)).await;
+    watch.assert_quiet(Duration::from_millis(300)).await;
     drop(nodes);
 }
 
@@ -460,11 +415,8 @@ async fn a_draining_node_hands_its_clients_over_without_offline_flicker() {
         return;
     };
     let mut nodes = start_nodes(&cluster, "draining-node", &["node1", "node2", "node3"]).await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend_via(&nodes[0], &alice, &[&bob]).await;
-    let watcher = client_on(&[&nodes[0]], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    snapshot(&mut updates).await;
+    let bob = user("bob");
+    let (watcher, mut watch) = alice_watching(&nodes[0], &bob).await;
 
     let phone = client_on(&[&nodes[1], &nodes[2]], &bob, "bob-phone").await;
     let state = phone.session_state();
@@ -472,13 +424,7 @@ async fn a_draining_node_hands_its_clients_over_without_offline_flicker() {
         .start_session(SessionOptions::default())
         .await
         .unwrap();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
     let on = |state: &SessionState| match state {
         SessionState::Connected { endpoint, .. } => Some(endpoint.trim_end_matches('/').to_owned()),
         _ => None,
@@ -493,7 +439,7 @@ async fn a_draining_node_hands_its_clients_over_without_offline_flicker() {
     nodes[1].terminate();
     let mut moved = state.clone();
     let third = nodes[2].url();
-    let seen = assert_never_offline(&mut updates, &bob, Duration::from_secs(3)).await;
+    let seen = assert_never_offline(&mut watch.updates, &bob, Duration::from_secs(3)).await;
     assert!(
         tokio::time::timeout(
             Duration::from_secs(1),
@@ -528,7 +474,7 @@ async fn a_draining_node_hands_its_clients_over_without_offline_flicker() {
 
     // The session lives on node 3 now: a change there still reaches alice.
     phone.set_activity(Activity::Idle).unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
     drop(nodes);
 }
 
@@ -592,43 +538,18 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
         clients.push(client);
     }
     // An observer: bob's session on node 2 as alice on node 1 sees it.
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend_via(n1, &alice, &[&bob]).await;
-    let watcher = client_on(&[n1], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    snapshot(&mut updates).await;
-    let phone = client_on(&[n2], &bob, "bob-phone").await;
-    phone
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let bob = user("bob");
+    let (watcher, mut watch) = alice_watching(n1, &bob).await;
+    let (phone, _) = bob_online(n2, &mut watch).await;
     // Bob's device keeps its session stream to node 2 (heartbeats need no
     // Redis): any reconnect is noted.
-    let reconnects = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let session_watch = {
-        let (reconnects, mut state) = (reconnects.clone(), phone.session_state());
-        tokio::spawn(async move {
-            while state.changed().await.is_ok() {
-                let now = state.borrow_and_update().clone();
-                if !matches!(now, SessionState::Connected { .. }) {
-                    reconnects.lock().push(format!("{now:?}"));
-                }
-            }
-        })
-    };
+    let reconnects = Interruptions::watch(&phone);
     // Read all the time, so that the server has nothing to coalesce away.
     let observed = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let observer = {
         let (observed, bob) = (observed.clone(), bob.clone());
         tokio::spawn(async move {
-            while let Some(update) = updates.next().await {
+            while let Some(update) = watch.updates.next().await {
                 match update {
                     Ok(PresenceUpdate::Presence(p)) if p.user_id == bob => {
                         observed.lock().push(format!(
@@ -813,9 +734,8 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
     tokio::time::sleep(NODE_LEASE).await;
     let bob_now = watcher.get_one(&bob).await.unwrap();
     observer.abort();
-    session_watch.abort();
     let observed = observed.lock().clone();
-    let reconnects = reconnects.lock().clone();
+    let reconnects = reconnects.seen();
     println!("alice's watch on node 1 during the failover, about bob on node 2: {observed:?}");
     println!("bob's device session during the failover: {reconnects:?}");
     let mut problems = Vec::new();
@@ -856,23 +776,9 @@ async fn presence_is_rebuilt_after_redis_restarts_empty() {
     };
     let nodes = start_nodes(&cluster, "redis-restart-empty", &["node1", "node2"]).await;
     let (n1, n2) = (&nodes[0], &nodes[1]);
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend_via(n1, &alice, &[&bob]).await;
-    let watcher = client_on(&[n1], &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    snapshot(&mut updates).await;
-    let phone = client_on(&[n2], &bob, "bob-phone").await;
-    phone
-        .start_session(SessionOptions::default())
-        .await
-        .unwrap();
-    let (before, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let bob = user("bob");
+    let (_watcher, mut watch) = alice_watching(n1, &bob).await;
+    let (phone, before) = bob_online(n2, &mut watch).await;
     let mut session = phone.session_state();
     session.mark_unchanged();
 
@@ -913,7 +819,7 @@ async fn presence_is_rebuilt_after_redis_restarts_empty() {
     // the restart dropped: a node notices a lost channel at once when Redis
     // says so, else at its next probe round (every 10 s), then reads again
     // what its watchers watch.
-    let seen = next_matching(&mut updates, &bob, FANOUT_REPAIRED_WITHIN, |p| {
+    let seen = next_matching(&mut watch.updates, &bob, FANOUT_REPAIRED_WITHIN, |p| {
         p.status() == VisibleStatus::Online && p.version > before.version
     })
     .await;

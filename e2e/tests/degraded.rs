@@ -20,16 +20,17 @@ mod nodes;
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presence_proto::v1::{self as pb, presence_event};
-use presence_sdk::{PresenceClient, SessionOptions, SessionState};
+use presence_sdk::{PresenceClient, SessionOptions};
 use presence_server::domain::{HistoryRecord, UserRecord, VisibleStatus};
 use presence_server::store::redis::keys;
 use presence_server::store::{HistoryStore, cached, scylla};
-use support::{TestServer, VISIBLE_WITHIN, authed, befriend, client, token, user};
+use support::{
+    Interruptions, TestServer, VISIBLE_WITHIN, authed, befriend, client, raw_watch, token, user,
+};
 
 /// The keyspace these tests use in the CQL store.
 const KEYSPACE: &str = "presence_e2e_degraded";
@@ -56,47 +57,31 @@ struct Services {
 impl Services {
     /// Both services from the environment, or `None` with a note.
     fn from_env() -> Option<Services> {
-        let scylla: Vec<String> = std::env::var("PRESENCE_TEST_SCYLLA_NODES")
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|node| !node.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if scylla.is_empty() {
-            assert!(
-                std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
-                "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_SCYLLA_NODES is unset; start it with: \
-                 export PRESENCE_TEST_SCYLLA_NODES=$(e2e/scripts/cassandra.sh start | tail -1)"
-            );
-            println!("note: PRESENCE_TEST_SCYLLA_NODES is unset, skipping this degraded-mode test");
-            return None;
-        }
+        let scylla = nodes::backend_from_env("PRESENCE_TEST_SCYLLA_NODES", "cassandra.sh")?;
         let redis = nodes::redis_cluster()?;
         Some(Services { redis, scylla })
     }
 
-    fn server_flags(&self) -> Vec<String> {
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        vec![
-            "--redis-cluster".into(),
-            self.redis.seeds(),
-            "--scylla".into(),
-            self.scylla.join(","),
-            "--scylla-keyspace".into(),
-            KEYSPACE.into(),
-            "--node-lease".into(),
-            ms(NODE_LEASE),
-        ]
+    /// A server on both services.
+    async fn start_server(&self) -> TestServer {
+        let (seeds, scylla) = (self.redis.seeds(), self.scylla.join(","));
+        let node_lease = support::duration_flag(NODE_LEASE);
+        TestServer::start_with(&[
+            "--redis-cluster",
+            &seeds,
+            "--scylla",
+            &scylla,
+            "--scylla-keyspace",
+            KEYSPACE,
+            "--node-lease",
+            &node_lease,
+        ])
+        .await
     }
 
     /// `redis-cluster.sh ARGS` for this cluster.
     fn redis_script(&self, args: &[&str]) -> Result<String, String> {
-        script(
-            "redis-cluster.sh",
-            args,
-            &[("REDIS_CLUSTER_BASE_PORT", self.redis.base_port.to_string())],
-        )
+        self.redis.try_script(args)
     }
 
     /// `cassandra.sh ARGS` for this CQL node.
@@ -105,7 +90,7 @@ impl Services {
             .rsplit_once(':')
             .map_or("9042", |(_, port)| port)
             .to_owned();
-        script("cassandra.sh", args, &[("CASSANDRA_PORT", port)])
+        nodes::run_script("cassandra.sh", args, &[("CASSANDRA_PORT", port)])
     }
 
     /// Both services up; a test before this one (or an earlier run that was
@@ -119,17 +104,8 @@ impl Services {
 
     /// `redis-cli -c` against the first node: follows the cluster's redirects.
     fn redis_cli(&self, args: &[&str]) -> Option<String> {
-        let port = self.redis.base_port.to_string();
-        let output = Command::new("timeout")
-            .args(["5", "redis-cli", "-c", "-h", &self.redis.host, "-p", &port])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        self.redis
+            .cli(self.redis.base_port, &[&["-c"], args].concat())
     }
 
     /// The user's record as the Redis hot store holds it.
@@ -145,34 +121,6 @@ impl Services {
             .expect("connecting to the CQL store")
             .history
     }
-}
-
-/// Runs `e2e/scripts/NAME ARGS` with `env`, returning stdout, or stderr on
-/// failure. Never panics: it also runs from `Drop` while a test panics.
-fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<String, String> {
-    let path = nodes::workspace_root().join("e2e/scripts").join(name);
-    let started = Instant::now();
-    let output = Command::new(&path)
-        .args(args)
-        .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| format!("cannot run {}: {error}", path.display()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!(
-        "{name} {} took {:?}: {}",
-        args.join(" "),
-        started.elapsed(),
-        stderr.trim().lines().last().unwrap_or_default()
-    );
-    if !output.status.success() {
-        return Err(format!(
-            "{name} {} failed ({}):\n{stderr}",
-            args.join(" "),
-            output.status
-        ));
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A service stopped by the test. Dropping it starts the service again if
@@ -237,18 +185,10 @@ impl Drop for Outage<'_> {
     }
 }
 
-/// One test at a time: each stops a service the others need.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
-        .lock()
-        .await
-}
-
 /// The services, up, with the test holding them; `None` if not configured.
 async fn setup() -> Option<(Services, tokio::sync::MutexGuard<'static, ()>)> {
     let services = Services::from_env()?;
-    let guard = serial().await;
+    let guard = nodes::serial().await;
     if std::env::var_os("RUST_LOG").is_some() {
         static LOGS: std::sync::Once = std::sync::Once::new();
         LOGS.call_once(|| {
@@ -272,23 +212,8 @@ struct Watch {
 
 impl Watch {
     async fn open(server: &TestServer, user_id: &str) -> Watch {
-        let request = authed(pb::WatchContactsRequest::default(), &token(user_id));
-        let stream = server
-            .presence()
-            .await
-            .watch_contacts(request)
-            .await
-            .expect("watch opens")
-            .into_inner();
-        let mut watch = Watch { stream };
-        // The snapshot first.
-        loop {
-            match watch.next(VISIBLE_WITHIN).await {
-                presence_event::Event::SnapshotComplete(_) => return watch,
-                presence_event::Event::Presence(_) => {}
-                other => panic!("unexpected {other:?} in the snapshot"),
-            }
-        }
+        let stream = raw_watch(server.presence().await, user_id).await;
+        Watch { stream }
     }
 
     async fn next(&mut self, within: Duration) -> presence_event::Event {
@@ -410,37 +335,43 @@ where
     }
 }
 
-/// Whether an SDK session ever stopped being connected, and how.
-#[derive(Clone, Default)]
-struct Broken(Arc<parking_lot::Mutex<Option<String>>>);
-
-impl Broken {
-    fn assert_never(&self, what: &str) {
-        if let Some(state) = &*self.0.lock() {
-            panic!("{what} was interrupted: {state}");
-        }
-    }
+/// A server on both services where alice watches her contact bob, whose
+/// device has a session she has seen come online.
+struct BobOnline {
+    server: TestServer,
+    alice: String,
+    bob: String,
+    watch: Watch,
+    /// Bob's device, which holds his session.
+    device: PresenceClient,
+    /// Whether that session was ever interrupted.
+    interruptions: Interruptions,
+    online: pb::Presence,
 }
 
-/// Starts an SDK session and watches whether it ever stops being connected.
-async fn session(server: &TestServer, user_id: &str, device: &str) -> (PresenceClient, Broken) {
-    let device_client = client(server, user_id, device).await;
-    device_client
-        .start_session(SessionOptions::default())
-        .await
-        .expect("session opens");
-    let broken = Broken::default();
-    let mut state = device_client.session_state();
-    let first = broken.clone();
-    tokio::spawn(async move {
-        while state.changed().await.is_ok() {
-            let now = state.borrow_and_update().clone();
-            if !matches!(now, SessionState::Connected { .. }) {
-                first.0.lock().get_or_insert_with(|| format!("{now:?}"));
-            }
+impl BobOnline {
+    async fn start(services: &Services, device_id: &str) -> BobOnline {
+        let server = services.start_server().await;
+        let (alice, bob) = (user("alice"), user("bob"));
+        befriend(&server, &alice, &[&bob]).await;
+        let mut watch = Watch::open(&server, &alice).await;
+        let device = client(&server, &bob, device_id).await;
+        device
+            .start_session(SessionOptions::default())
+            .await
+            .expect("session opens");
+        let interruptions = Interruptions::watch(&device);
+        let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+        BobOnline {
+            server,
+            alice,
+            bob,
+            watch,
+            device,
+            interruptions,
+            online,
         }
-    });
-    (device_client, broken)
+    }
 }
 
 // ---------------------------------------------------------------- tests
@@ -451,14 +382,15 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
         return;
     };
     let started = Instant::now();
-    let flags = services.server_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start_with(&flags).await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut watch = Watch::open(&server, &alice).await;
-    let (_bob_device, bob_reconnected) = session(&server, &bob, "bob-laptop").await;
-    let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+    let BobOnline {
+        server,
+        alice,
+        bob,
+        mut watch,
+        device: _bob_device,
+        interruptions: bob_interruptions,
+        online,
+    } = BobOnline::start(&services, "bob-laptop").await;
 
     let outage = Outage::begin(&services, Service::Redis);
     let down_at = Instant::now();
@@ -485,7 +417,7 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     tokio::time::sleep(support::LEASE * 2).await;
     let seen = get_presence(&server, &alice, &bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Busy, "{seen:?}");
-    bob_reconnected.assert_never("bob's heartbeat stream");
+    bob_interruptions.assert_none("bob's heartbeat stream");
 
     // The change is in the history, and in the CQL store itself.
     let history = services.durable_history().await;
@@ -533,7 +465,7 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     let online_again = set_status(&server, &bob, pb::UserStatus::Online, "").await;
     let delivered = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
     assert!(delivered.version >= online_again.version);
-    bob_reconnected.assert_never("bob's heartbeat stream");
+    bob_interruptions.assert_none("bob's heartbeat stream");
     let record = services.hot_record(&bob).expect("bob in redis");
     assert_eq!(record.shown.status, VisibleStatus::Online);
     println!(
@@ -550,14 +482,15 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
         return;
     };
     let started = Instant::now();
-    let flags = services.server_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start_with(&flags).await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut watch = Watch::open(&server, &alice).await;
-    let (_bob_device, bob_reconnected) = session(&server, &bob, "bob-phone").await;
-    let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+    let BobOnline {
+        server,
+        alice,
+        bob,
+        mut watch,
+        device: _bob_device,
+        interruptions: bob_interruptions,
+        online,
+    } = BobOnline::start(&services, "bob-phone").await;
     // Alice's contact list is cached in Redis after her first read once the
     // contacts change has deleted it for the second time.
     tokio::time::sleep(cached::SECOND_DELETE_AFTER + Duration::from_millis(200)).await;
@@ -595,7 +528,7 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
     let seen = get_presence(&server, &alice, &bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Online);
     assert_eq!(seen.version, *made.last().unwrap());
-    bob_reconnected.assert_never("bob's heartbeat stream");
+    bob_interruptions.assert_none("bob's heartbeat stream");
     println!(
         "{} changes made while cassandra was down ({:?})",
         made.len() - 1,
@@ -624,7 +557,7 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
             "version {version} missing from {answered:?}"
         );
     }
-    bob_reconnected.assert_never("bob's heartbeat stream");
+    bob_interruptions.assert_none("bob's heartbeat stream");
     println!(
         "whole test {:?}, {:?} after cassandra came back",
         started.elapsed(),

@@ -5,70 +5,26 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
+use presence_proto::v1::{self as pb, presence_event};
 use presence_sdk::{
     Activity, OfflineReason, PresenceUpdate, SessionOptions, UserStatus, VisibleStatus,
 };
 use support::*;
 
-fn is(status: VisibleStatus) -> impl Fn(&presence_sdk::Presence) -> bool {
-    move |p| p.status() == status
-}
-
-/// A raw heartbeat stream that opens a session and then does only what the
-/// test says: the way to play a client that vanishes or drops its stream.
-struct RawSession {
-    outbound: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>,
-    inbound: tonic::Streaming<pb::HeartbeatResponse>,
-}
-
-impl RawSession {
-    async fn open(server: &TestServer, user: &str, device: &str) -> RawSession {
-        let (outbound, rx) = tokio::sync::mpsc::channel(8);
-        outbound
-            .send(pb::HeartbeatRequest {
-                request: Some(heartbeat_request::Request::Open(pb::SessionOpen {
-                    device_id: device.into(),
-                    platform: pb::Platform::Ios as i32,
-                    ..Default::default()
-                })),
-            })
-            .await
-            .unwrap();
-        let request = authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &token(user),
-        );
-        let mut inbound = server
-            .presence()
-            .await
-            .heartbeat(request)
-            .await
-            .unwrap()
-            .into_inner();
-        let opened = inbound.message().await.unwrap().unwrap();
-        assert!(matches!(
-            opened.response,
-            Some(pb::heartbeat_response::Response::Opened(_))
-        ));
-        RawSession { outbound, inbound }
-    }
-}
-
 #[tokio::test]
 async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let watcher = client(&server, &alice, "alice-laptop").await;
-    let mut updates = watcher.watch_contacts();
-    let first = snapshot(&mut updates).await;
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0].status(), VisibleStatus::Offline);
-    assert_eq!(first[0].version, 0, "never seen");
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
+    assert_eq!(watch.snapshot.len(), 1);
+    assert_eq!(watch.snapshot[0].status(), VisibleStatus::Offline);
+    assert_eq!(watch.snapshot[0].version, 0, "never seen");
 
     let bob_phone = client(&server, &bob, "bob-phone").await;
     let mut latencies = Vec::new();
@@ -76,42 +32,34 @@ async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() 
         .start_session(SessionOptions::default())
         .await
         .unwrap();
-    let (online, took) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
-    latencies.push(took);
+    let started = Instant::now();
+    let online = watch.sees(VisibleStatus::Online).await;
+    latencies.push(started.elapsed());
     assert!(online.version > 0);
     assert!(online.devices.is_empty(), "contacts never see devices");
 
     bob_phone.set_activity(Activity::Idle).unwrap();
-    let (idle, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
-    latencies.push(took);
+    let started = Instant::now();
+    let idle = watch.sees(VisibleStatus::Idle).await;
+    latencies.push(started.elapsed());
     assert!(idle.version > online.version);
 
     bob_phone
         .set_status(UserStatus::Busy, "in a meeting")
         .await
         .unwrap();
-    let (busy, took) = wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Busy)).await;
-    latencies.push(took);
+    let started = Instant::now();
+    let busy = watch.sees(VisibleStatus::Busy).await;
+    latencies.push(started.elapsed());
     assert_eq!(busy.custom_message, "in a meeting");
 
     bob_phone
         .set_status(UserStatus::Invisible, "")
         .await
         .unwrap();
-    let (hidden, took) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
-    latencies.push(took);
+    let started = Instant::now();
+    let hidden = watch.sees(VisibleStatus::Offline).await;
+    latencies.push(started.elapsed());
     assert_eq!(
         hidden.offline_reason(),
         OfflineReason::Logout,
@@ -119,16 +67,11 @@ async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() 
     );
 
     bob_phone.set_status(UserStatus::Online, "").await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
     bob_phone.end_session().await.unwrap();
-    let (offline, took) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
-    latencies.push(took);
+    let started = Instant::now();
+    let offline = watch.sees(VisibleStatus::Offline).await;
+    latencies.push(started.elapsed());
     assert_eq!(offline.offline_reason(), OfflineReason::Logout);
     assert!(offline.last_seen_unix_ms > 0);
 
@@ -143,11 +86,12 @@ async fn contacts_see_a_device_come_online_go_idle_busy_invisible_and_offline() 
 
 #[tokio::test]
 async fn an_idle_phone_and_an_active_laptop_make_the_user_online() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut updates = client(&server, &alice, "a").await.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
 
     let phone = client(&server, &bob, "phone").await;
     phone
@@ -157,62 +101,41 @@ async fn an_idle_phone_and_an_active_laptop_make_the_user_online() {
         })
         .await
         .unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
     let laptop = client(&server, &bob, "laptop").await;
     laptop
         .start_session(SessionOptions::default())
         .await
         .unwrap();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
 
     let own = laptop.get_one(&bob).await.unwrap();
     assert_eq!(own.devices.len(), 2, "the user sees their own devices");
 
     laptop.end_session().await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
     phone.end_session().await.unwrap();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    watch.sees(VisibleStatus::Offline).await;
     server.stop().await;
 }
 
 #[tokio::test]
 async fn a_client_that_vanishes_goes_offline_after_its_lease() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut updates = client(&server, &alice, "a").await.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
 
     // The stream stays open but no beat ever comes: a frozen client.
-    let frozen = RawSession::open(&server, &bob, "phone").await;
-    let started = std::time::Instant::now();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let frozen = RawSession::open(server.presence().await, &bob, "phone").await;
+    let started = Instant::now();
+    watch.sees(VisibleStatus::Online).await;
     let bound = LEASE + SWEEP;
-    let (offline, _) = wait_for(
-        &mut updates,
-        &bob,
-        bound + VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let offline = watch
+        .sees_within(VisibleStatus::Offline, bound + VISIBLE_WITHIN)
+        .await;
     let took = started.elapsed();
     assert_eq!(offline.offline_reason(), OfflineReason::LeaseExpired);
     assert!(took >= LEASE, "not before the lease ran out ({took:?})");
@@ -226,29 +149,18 @@ async fn a_client_that_vanishes_goes_offline_after_its_lease() {
 
 #[tokio::test]
 async fn a_dropped_stream_goes_offline_after_the_grace_period() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut updates = client(&server, &alice, "a").await.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
 
-    let session = RawSession::open(&server, &bob, "phone").await;
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
-    let dropped = std::time::Instant::now();
+    let session = RawSession::open(server.presence().await, &bob, "phone").await;
+    watch.sees(VisibleStatus::Online).await;
+    let dropped = Instant::now();
     drop(session);
-    let (offline, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let offline = watch.sees(VisibleStatus::Offline).await;
     assert_eq!(offline.offline_reason(), OfflineReason::ConnectionClosed);
     assert!(dropped.elapsed() >= GRACE, "not before the grace period");
     server.stop().await;
@@ -256,60 +168,46 @@ async fn a_dropped_stream_goes_offline_after_the_grace_period() {
 
 #[tokio::test]
 async fn a_reconnect_within_the_grace_period_causes_no_offline_event() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut updates = client(&server, &alice, "a").await.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
 
-    let first = RawSession::open(&server, &bob, "phone").await;
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    let first = RawSession::open(server.presence().await, &bob, "phone").await;
+    watch.sees(VisibleStatus::Online).await;
     drop(first);
     tokio::time::sleep(GRACE / 4).await;
-    let second = RawSession::open(&server, &bob, "phone").await;
-    assert_quiet(&mut updates, &bob, (GRACE + SWEEP) * 3).await;
+    let second = RawSession::open(server.presence().await, &bob, "phone").await;
+    watch.assert_quiet((GRACE + SWEEP) * 3).await;
     drop(second);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn touch_keeps_a_browser_session_and_disconnect_ends_it_at_once() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut updates = client(&server, &alice, "a").await.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        mut watch,
+        ..
+    } = AliceWatchesBob::start().await;
 
     let browser = client(&server, &bob, "tab").await;
     let answer = browser.touch(Activity::Active).await.unwrap();
     assert_eq!(u128::from(answer.lease_ms), LEASE.as_millis());
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
     // Touching at the interval keeps it online past the lease.
     for _ in 0..4 {
         tokio::time::sleep(HEARTBEAT).await;
         browser.touch(Activity::Unspecified).await.unwrap();
     }
-    assert_quiet(&mut updates, &bob, Duration::from_millis(50)).await;
+    watch.assert_quiet(Duration::from_millis(50)).await;
     browser.disconnect().await.unwrap();
-    let (offline, took) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let started = Instant::now();
+    let offline = watch.sees(VisibleStatus::Offline).await;
+    let took = started.elapsed();
     assert_eq!(offline.offline_reason(), OfflineReason::Logout);
     assert!(
         took < GRACE,
@@ -318,50 +216,34 @@ async fn touch_keeps_a_browser_session_and_disconnect_ends_it_at_once() {
 
     // A browser that stops touching expires with its lease.
     browser.touch(Activity::Idle).await.unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
-    let (expired, _) = wait_for(
-        &mut updates,
-        &bob,
-        LEASE + VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    watch.sees(VisibleStatus::Idle).await;
+    let expired = watch
+        .sees_within(VisibleStatus::Offline, LEASE + VISIBLE_WITHIN)
+        .await;
     assert_eq!(expired.offline_reason(), OfflineReason::LeaseExpired);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn invisible_users_leak_nothing_to_contacts() {
-    let server = TestServer::start().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let watcher = client(&server, &alice, "a").await;
-    let mut updates = watcher.watch_contacts();
-    snapshot(&mut updates).await;
+    let AliceWatchesBob {
+        server,
+        bob,
+        watcher,
+        mut watch,
+    } = AliceWatchesBob::start().await;
 
     let phone = client(&server, &bob, "phone").await;
     phone
         .start_session(SessionOptions::default())
         .await
         .unwrap();
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
     phone
         .set_status(UserStatus::Invisible, "hiding")
         .await
         .unwrap();
-    let (hidden, _) = wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Offline),
-    )
-    .await;
+    let hidden = watch.sees(VisibleStatus::Offline).await;
 
     // While invisible, bob does everything a user does.
     phone.set_activity(Activity::Idle).unwrap();
@@ -375,7 +257,7 @@ async fn invisible_users_leak_nothing_to_contacts() {
         .await
         .unwrap();
     laptop.end_session().await.unwrap();
-    assert_quiet(&mut updates, &bob, Duration::from_millis(800)).await;
+    watch.assert_quiet(Duration::from_millis(800)).await;
 
     // Nothing moved for alice: status, message, last seen, version, reason.
     let seen = watcher.get_one(&bob).await.unwrap();
@@ -431,10 +313,10 @@ async fn non_contacts_learn_nothing() {
         stranger.get_history(&bob, None, None).next().await,
         Some(Err(presence_sdk::Error::PermissionDenied(_)))
     ));
-    let mut updates = stranger.watch_contacts();
-    assert!(snapshot(&mut updates).await.is_empty());
+    let mut watch = ContactWatch::open(&stranger, &bob).await;
+    assert!(watch.snapshot.is_empty());
     phone.set_status(UserStatus::Online, "").await.unwrap();
-    assert_quiet(&mut updates, &bob, Duration::from_millis(500)).await;
+    watch.assert_quiet(Duration::from_millis(500)).await;
     server.stop().await;
 }
 
@@ -484,16 +366,7 @@ async fn a_resumed_watch_gets_only_what_it_missed() {
         .set_status(UserStatus::Busy, "back soon")
         .await
         .unwrap();
-    let removal = pb::RemoveContactsRequest {
-        user_id: alice.clone(),
-        contact_ids: vec![erin.clone()],
-    };
-    server
-        .contacts()
-        .await
-        .remove_contacts(authed(removal, &admin_token()))
-        .await
-        .unwrap();
+    unfriend(&server, &alice, &[&erin]).await;
 
     let mut resumed = presence
         .watch_contacts(watch(held))
@@ -530,31 +403,16 @@ async fn contacts_added_or_removed_join_or_leave_open_watches() {
         .await
         .unwrap();
     let alice_client = client(&server, &alice, "a").await;
-    let mut updates = alice_client.watch_contacts();
-    assert!(snapshot(&mut updates).await.is_empty());
+    let mut watch = ContactWatch::open(&alice_client, &bob).await;
+    assert!(watch.snapshot.is_empty());
 
     befriend(&server, &alice, &[&bob]).await;
-    wait_for(
-        &mut updates,
-        &bob,
-        VISIBLE_WITHIN,
-        is(VisibleStatus::Online),
-    )
-    .await;
+    watch.sees(VisibleStatus::Online).await;
     bob_device.set_activity(Activity::Idle).unwrap();
-    wait_for(&mut updates, &bob, VISIBLE_WITHIN, is(VisibleStatus::Idle)).await;
+    watch.sees(VisibleStatus::Idle).await;
 
-    let removal = pb::RemoveContactsRequest {
-        user_id: bob.clone(),
-        contact_ids: vec![alice.clone()],
-    };
-    server
-        .contacts()
-        .await
-        .remove_contacts(authed(removal, &admin_token()))
-        .await
-        .unwrap();
-    let removed = tokio::time::timeout(VISIBLE_WITHIN, updates.next())
+    unfriend(&server, &bob, &[&alice]).await;
+    let removed = tokio::time::timeout(VISIBLE_WITHIN, watch.updates.next())
         .await
         .unwrap()
         .unwrap()
@@ -566,7 +424,7 @@ async fn contacts_added_or_removed_join_or_leave_open_watches() {
         }
     );
     bob_device.set_activity(Activity::Active).unwrap();
-    assert_quiet(&mut updates, &bob, Duration::from_millis(500)).await;
+    watch.assert_quiet(Duration::from_millis(500)).await;
     server.stop().await;
 }
 
@@ -677,22 +535,8 @@ async fn draining_tells_streams_to_go_away() {
     let mut server = TestServer::start().await;
     let (alice, bob) = (user("alice"), user("bob"));
     befriend(&server, &alice, &[&bob]).await;
-    let mut session = RawSession::open(&server, &bob, "phone").await;
-    let mut watch = server
-        .presence()
-        .await
-        .watch_contacts(authed(pb::WatchContactsRequest::default(), &token(&alice)))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = watch.message().await.unwrap() {
-        if matches!(
-            event.event,
-            Some(presence_event::Event::SnapshotComplete(_))
-        ) {
-            break;
-        }
-    }
+    let mut session = RawSession::open(server.presence().await, &bob, "phone").await;
+    let mut watch = raw_watch(server.presence().await, &alice).await;
 
     server.drain();
     let go_away = tokio::time::timeout(VISIBLE_WITHIN, session.inbound.message())

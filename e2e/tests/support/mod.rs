@@ -1,14 +1,20 @@
 //! A real server for tests: `presence_server::run` on 127.0.0.1:0 with short
-//! timers, plus tokens and raw gRPC clients. Every test binary includes this
-//! module; not every binary uses every helper.
+//! timers, plus tokens, SDK and raw gRPC clients, and watches. Every test
+//! binary includes this module; not every binary uses every helper.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use futures::StreamExt;
 use presence_proto::v1::contacts_service_client::ContactsServiceClient;
 use presence_proto::v1::presence_service_client::PresenceServiceClient;
+use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
+use presence_sdk::{
+    Presence, PresenceClient, PresenceStream, PresenceUpdate, SessionState, VisibleStatus,
+};
 use presence_server::config::{Cli, DEV_JWT_SECRET};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -23,6 +29,25 @@ pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// FR4: every change is visible to watchers within this.
 pub const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 
+/// `d` as a duration flag's value.
+pub fn duration_flag(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// The test timers as server flags.
+pub fn timer_flags() -> Vec<String> {
+    vec![
+        "--lease".into(),
+        duration_flag(LEASE),
+        "--grace".into(),
+        duration_flag(GRACE),
+        "--sweep-interval".into(),
+        duration_flag(SWEEP),
+        "--heartbeat-interval".into(),
+        duration_flag(HEARTBEAT),
+    ]
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
@@ -36,19 +61,8 @@ impl TestServer {
 
     /// Starts a server with the test timers and `extra` flags.
     pub async fn start_with(extra: &[&str]) -> TestServer {
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let mut args: Vec<String> = vec![
-            "presence-server".into(),
-            "--dev".into(),
-            "--lease".into(),
-            ms(LEASE),
-            "--grace".into(),
-            ms(GRACE),
-            "--sweep-interval".into(),
-            ms(SWEEP),
-            "--heartbeat-interval".into(),
-            ms(HEARTBEAT),
-        ];
+        let mut args: Vec<String> = vec!["presence-server".into(), "--dev".into()];
+        args.extend(timer_flags());
         args.extend(extra.iter().map(|a| a.to_string()));
         let config = Cli::parse_from(args).config;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -132,7 +146,7 @@ pub fn user(name: &str) -> String {
 
 /// Links `user` with `contacts` through the admin API.
 pub async fn befriend(server: &TestServer, user: &str, contacts: &[&str]) {
-    let request = presence_proto::v1::AddContactsRequest {
+    let request = pb::AddContactsRequest {
         user_id: user.to_owned(),
         contact_ids: contacts.iter().map(|c| c.to_string()).collect(),
     };
@@ -144,9 +158,23 @@ pub async fn befriend(server: &TestServer, user: &str, contacts: &[&str]) {
         .unwrap();
 }
 
+/// Unlinks `user` from `contacts` through the admin API.
+pub async fn unfriend(server: &TestServer, user: &str, contacts: &[&str]) {
+    let request = pb::RemoveContactsRequest {
+        user_id: user.to_owned(),
+        contact_ids: contacts.iter().map(|c| c.to_string()).collect(),
+    };
+    server
+        .contacts()
+        .await
+        .remove_contacts(authed(request, &admin_token()))
+        .await
+        .unwrap();
+}
+
 /// An SDK client for `user` on `device`.
-pub async fn client(server: &TestServer, user: &str, device: &str) -> presence_sdk::PresenceClient {
-    presence_sdk::PresenceClient::connect(presence_sdk::ClientConfig {
+pub async fn client(server: &TestServer, user: &str, device: &str) -> PresenceClient {
+    PresenceClient::connect(presence_sdk::ClientConfig {
         endpoints: vec![server.url()],
         token: Some(token(user)),
         device_id: device.to_owned(),
@@ -157,67 +185,211 @@ pub async fn client(server: &TestServer, user: &str, device: &str) -> presence_s
     .unwrap()
 }
 
-/// Reads `updates` until a presence of `user` matches `wanted`, at most
-/// `within`; returns it with how long it took. Panics on timeout.
-pub async fn wait_for<S>(
-    updates: &mut S,
-    user: &str,
-    within: Duration,
-    wanted: impl Fn(&presence_sdk::Presence) -> bool,
-) -> (presence_sdk::Presence, Duration)
-where
-    S: futures::Stream<Item = Result<presence_sdk::PresenceUpdate, presence_sdk::Error>> + Unpin,
-{
-    use futures::StreamExt;
-    let started = std::time::Instant::now();
-    let found = tokio::time::timeout(within, async {
-        while let Some(update) = updates.next().await {
-            if let presence_sdk::PresenceUpdate::Presence(p) = update.unwrap()
-                && p.user_id == user
-                && wanted(&p)
-            {
-                return p;
-            }
-        }
-        panic!("the watch ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no matching presence of {user} within {within:?}"));
-    (found, started.elapsed())
+/// A watch through the SDK, read past its snapshot, and what it says about
+/// one contact.
+pub struct ContactWatch {
+    pub updates: PresenceStream,
+    pub contact: String,
+    /// The presences the snapshot held.
+    pub snapshot: Vec<Presence>,
 }
 
-/// Asserts that no presence of `user` arrives for `quiet`.
-pub async fn assert_quiet<S>(updates: &mut S, user: &str, quiet: Duration)
-where
-    S: futures::Stream<Item = Result<presence_sdk::PresenceUpdate, presence_sdk::Error>> + Unpin,
-{
-    use futures::StreamExt;
-    let _ = tokio::time::timeout(quiet, async {
-        while let Some(update) = updates.next().await {
-            if let presence_sdk::PresenceUpdate::Presence(p) = update.unwrap() {
-                assert_ne!(p.user_id, user, "unexpected presence of {user}: {p:?}");
+impl ContactWatch {
+    /// Opens `watcher`'s watch of its contacts and reads its snapshot.
+    pub async fn open(watcher: &PresenceClient, contact: &str) -> ContactWatch {
+        let mut updates = watcher.watch_contacts();
+        let mut snapshot = Vec::new();
+        loop {
+            let update = tokio::time::timeout(VISIBLE_WITHIN, updates.next())
+                .await
+                .expect("the snapshot arrives")
+                .expect("the watch ended during the snapshot");
+            match update.unwrap() {
+                PresenceUpdate::Presence(p) => snapshot.push(p),
+                PresenceUpdate::SnapshotComplete { .. } => break,
+                other => panic!("unexpected {other:?} during the snapshot"),
             }
         }
-    })
-    .await;
-}
-
-/// Reads `updates` through the end of the snapshot; returns its presences.
-pub async fn snapshot<S>(updates: &mut S) -> Vec<presence_sdk::Presence>
-where
-    S: futures::Stream<Item = Result<presence_sdk::PresenceUpdate, presence_sdk::Error>> + Unpin,
-{
-    use futures::StreamExt;
-    let mut seen = Vec::new();
-    while let Some(update) = tokio::time::timeout(VISIBLE_WITHIN, updates.next())
-        .await
-        .expect("the snapshot arrives")
-    {
-        match update.unwrap() {
-            presence_sdk::PresenceUpdate::Presence(p) => seen.push(p),
-            presence_sdk::PresenceUpdate::SnapshotComplete { .. } => return seen,
-            other => panic!("unexpected {other:?} during the snapshot"),
+        ContactWatch {
+            updates,
+            contact: contact.to_owned(),
+            snapshot,
         }
     }
-    panic!("the watch ended during the snapshot")
+
+    /// Waits for a presence of the contact showing `status`, at most
+    /// [`VISIBLE_WITHIN`].
+    pub async fn sees(&mut self, status: VisibleStatus) -> Presence {
+        self.sees_within(status, VISIBLE_WITHIN).await
+    }
+
+    /// Waits for a presence of the contact showing `status`, at most `within`.
+    pub async fn sees_within(&mut self, status: VisibleStatus, within: Duration) -> Presence {
+        let contact = &self.contact;
+        let updates = &mut self.updates;
+        tokio::time::timeout(within, async {
+            while let Some(update) = updates.next().await {
+                if let PresenceUpdate::Presence(p) = update.unwrap()
+                    && p.user_id == *contact
+                    && p.status() == status
+                {
+                    return p;
+                }
+            }
+            panic!("the watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {status:?} presence of {contact} within {within:?}"))
+    }
+
+    /// Asserts that no presence of the contact arrives for `quiet`.
+    pub async fn assert_quiet(&mut self, quiet: Duration) {
+        let contact = &self.contact;
+        let updates = &mut self.updates;
+        let _ = tokio::time::timeout(quiet, async {
+            while let Some(update) = updates.next().await {
+                if let PresenceUpdate::Presence(p) = update.unwrap() {
+                    assert_ne!(
+                        p.user_id, *contact,
+                        "unexpected presence of {contact}: {p:?}"
+                    );
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// A fresh server on which alice watches her one contact, bob.
+pub struct AliceWatchesBob {
+    pub server: TestServer,
+    pub bob: String,
+    /// Alice's client, whose watch `watch` is.
+    pub watcher: PresenceClient,
+    pub watch: ContactWatch,
+}
+
+impl AliceWatchesBob {
+    pub async fn start() -> AliceWatchesBob {
+        let server = TestServer::start().await;
+        let (alice, bob) = (user("alice"), user("bob"));
+        befriend(&server, &alice, &[&bob]).await;
+        let watcher = client(&server, &alice, "alice-laptop").await;
+        let watch = ContactWatch::open(&watcher, &bob).await;
+        AliceWatchesBob {
+            server,
+            bob,
+            watcher,
+            watch,
+        }
+    }
+}
+
+/// The message that opens a heartbeat session for `device`.
+pub fn session_open(device: &str) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        request: Some(heartbeat_request::Request::Open(pb::SessionOpen {
+            device_id: device.into(),
+            platform: pb::Platform::Desktop as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Heartbeat number `seq` of a session.
+pub fn session_beat(seq: u64) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
+            seq,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A raw heartbeat stream that opens a session and then does only what the
+/// test says: the way to play a client that vanishes, drops its stream or
+/// cannot move to another node (the SDK would reconnect).
+pub struct RawSession {
+    pub outbound: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>,
+    pub inbound: tonic::Streaming<pb::HeartbeatResponse>,
+}
+
+impl RawSession {
+    /// Opens a session of `user` on `device` through `presence`'s connection.
+    pub async fn open(
+        mut presence: PresenceServiceClient<Channel>,
+        user: &str,
+        device: &str,
+    ) -> RawSession {
+        let (outbound, rx) = tokio::sync::mpsc::channel(8);
+        outbound.send(session_open(device)).await.unwrap();
+        let request = authed(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &token(user),
+        );
+        let mut inbound = presence.heartbeat(request).await.unwrap().into_inner();
+        let opened = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(
+            opened.response,
+            Some(pb::heartbeat_response::Response::Opened(_))
+        ));
+        RawSession { outbound, inbound }
+    }
+}
+
+/// `user`'s raw WatchContacts stream on `presence`'s connection, read past
+/// its snapshot: unlike the SDK's, it shows whether the server ended it.
+pub async fn raw_watch(
+    mut presence: PresenceServiceClient<Channel>,
+    user: &str,
+) -> tonic::Streaming<pb::PresenceEvent> {
+    let request = authed(pb::WatchContactsRequest::default(), &token(user));
+    let mut stream = presence
+        .watch_contacts(request)
+        .await
+        .expect("watch opens")
+        .into_inner();
+    loop {
+        let event = tokio::time::timeout(VISIBLE_WITHIN, stream.message())
+            .await
+            .expect("the snapshot arrives")
+            .expect("the watch delivers its snapshot")
+            .expect("the watch stays open during the snapshot");
+        match event.event {
+            Some(presence_event::Event::SnapshotComplete(_)) => return stream,
+            Some(presence_event::Event::Presence(_)) => {}
+            other => panic!("unexpected {other:?} in the snapshot"),
+        }
+    }
+}
+
+/// Every state other than connected that an SDK session passes through from
+/// now on.
+#[derive(Clone, Default)]
+pub struct Interruptions(Arc<parking_lot::Mutex<Vec<String>>>);
+
+impl Interruptions {
+    pub fn watch(device: &PresenceClient) -> Interruptions {
+        let interruptions = Interruptions::default();
+        let seen = interruptions.clone();
+        let mut state = device.session_state();
+        tokio::spawn(async move {
+            while state.changed().await.is_ok() {
+                let now = state.borrow_and_update().clone();
+                if !matches!(now, SessionState::Connected { .. }) {
+                    seen.0.lock().push(format!("{now:?}"));
+                }
+            }
+        });
+        interruptions
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.0.lock().clone()
+    }
+
+    pub fn assert_none(&self, what: &str) {
+        let seen = self.seen();
+        assert!(seen.is_empty(), "{what} was interrupted: {seen:?}");
+    }
 }

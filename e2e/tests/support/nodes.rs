@@ -9,6 +9,10 @@
 //! Fault injection (`kill-master`, `restart-node`, `restart-empty`) goes
 //! through that script, told the cluster's base port (the lowest port of the
 //! URLs) and, when set, `REDIS_CLUSTER_DIR`.
+//!
+//! The tests on real services (`cluster.rs`, `degraded.rs`) also share from
+//! here how the environment names the services, the scripts that stop and
+//! start them, and running one test at a time.
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -24,7 +28,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::support::{GRACE, HEARTBEAT, LEASE, SWEEP};
+use super::support::{duration_flag, timer_flags};
 
 /// How long a node may hold its lease in the shared hot store without
 /// renewing it (it renews every third of it).
@@ -39,29 +43,70 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// connects to the cluster and proves its 256 fan-out channels first.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// The cluster the tests run on, or `None` (with a note) when
-/// `PRESENCE_TEST_REDIS_CLUSTER` is unset, unless `PRESENCE_REQUIRE_BACKENDS=1`
-/// makes that a failure.
-pub fn redis_cluster() -> Option<RedisCluster> {
-    let urls: Vec<String> = std::env::var("PRESENCE_TEST_REDIS_CLUSTER")
+/// The comma-separated addresses the environment variable `var` names.
+/// Unset: a note and `None` (the test passes without running), unless
+/// `PRESENCE_REQUIRE_BACKENDS=1` makes that a failure. `script` is the one in
+/// `e2e/scripts` that starts the service.
+pub fn backend_from_env(var: &str, script: &str) -> Option<Vec<String>> {
+    let addresses: Vec<String> = std::env::var(var)
         .unwrap_or_default()
         .split(',')
-        .map(|url| url.trim().to_owned())
-        .filter(|url| !url.is_empty())
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .map(str::to_owned)
         .collect();
-    if urls.is_empty() {
-        if std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() == Ok("1") {
-            panic!(
-                "PRESENCE_REQUIRE_BACKENDS=1 but PRESENCE_TEST_REDIS_CLUSTER is unset; \
-                 start one with: export PRESENCE_TEST_REDIS_CLUSTER=$(e2e/scripts/redis-cluster.sh start | tail -1)"
-            );
-        }
-        println!(
-            "note: PRESENCE_TEST_REDIS_CLUSTER is unset, skipping this multi-node test \
-             (export PRESENCE_TEST_REDIS_CLUSTER=$(e2e/scripts/redis-cluster.sh start | tail -1))"
-        );
-        return None;
+    if !addresses.is_empty() {
+        return Some(addresses);
     }
+    let start = format!("export {var}=$(e2e/scripts/{script} start | tail -1)");
+    assert!(
+        std::env::var("PRESENCE_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+        "PRESENCE_REQUIRE_BACKENDS=1 but {var} is unset; start it with: {start}"
+    );
+    println!("note: {var} is unset, skipping this test ({start})");
+    None
+}
+
+/// One test at a time: the tests share the services, and some take them down.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
+/// Runs `e2e/scripts/NAME ARGS` with `env`, returning stdout, or what failed.
+/// Never panics: it also runs from `Drop` while a test panics.
+pub fn run_script(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<String, String> {
+    let path = workspace_root().join("e2e/scripts").join(name);
+    let started = Instant::now();
+    let output = Command::new(&path)
+        .args(args)
+        .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("cannot run {}: {error}", path.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "{name} {} took {:?}: {}",
+        args.join(" "),
+        started.elapsed(),
+        stderr.trim().lines().last().unwrap_or_default()
+    );
+    if !output.status.success() {
+        return Err(format!(
+            "{name} {} failed ({}):\n{stderr}",
+            args.join(" "),
+            output.status
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The cluster `PRESENCE_TEST_REDIS_CLUSTER` names, or `None` (see
+/// [`backend_from_env`]).
+pub fn redis_cluster() -> Option<RedisCluster> {
+    let urls = backend_from_env("PRESENCE_TEST_REDIS_CLUSTER", "redis-cluster.sh")?;
     let ports: Vec<(String, u16)> = urls
         .iter()
         .map(|url| {
@@ -116,36 +161,18 @@ impl RedisCluster {
     /// Runs `e2e/scripts/redis-cluster.sh ARGS` for this cluster and returns
     /// its stdout; panics with its stderr if it fails.
     pub fn script(&self, args: &[&str]) -> String {
-        self.try_script(args).unwrap_or_else(|failure| {
-            panic!("redis-cluster.sh {} failed: {failure}", args.join(" "))
-        })
+        self.try_script(args)
+            .unwrap_or_else(|failure| panic!("{failure}"))
     }
 
-    /// Like [`script`](Self::script), returning a failure as its exit status
-    /// and stderr.
+    /// Like [`script`](Self::script), returning a failure as what failed.
     pub fn try_script(&self, args: &[&str]) -> Result<String, String> {
-        let script = workspace_root().join("e2e/scripts/redis-cluster.sh");
-        let started = Instant::now();
-        let output = Command::new(&script)
-            .args(args)
-            .env("REDIS_CLUSTER_BASE_PORT", self.base_port.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        println!(
-            "redis-cluster.sh {} took {:?}: {}",
-            args.join(" "),
-            started.elapsed(),
-            stderr.trim().lines().last().unwrap_or_default()
-        );
-        if !output.status.success() {
-            return Err(format!("({})\n{stderr}", output.status));
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let base_port = ("REDIS_CLUSTER_BASE_PORT", self.base_port.to_string());
+        run_script("redis-cluster.sh", args, &[base_port])
     }
 
-    /// `redis-cli -p PORT ARGS...`, or `None` if that node does not answer.
+    /// What `redis-cli -p PORT ARGS...` prints, trimmed, or `None` if that node
+    /// does not answer.
     pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
         let output = Command::new("timeout")
             .args(["5", "redis-cli", "-h", &self.host, "-p", &port.to_string()])
@@ -153,10 +180,11 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .output()
             .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).replace('\r', ""))
+        output.status.success().then(|| {
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .replace('\r', "")
+        })
     }
 
     /// The masters serving slots, as the first node that answers sees them.
@@ -214,27 +242,17 @@ impl RedisCluster {
     }
 }
 
-/// The test timers as server flags, and the config they make (for
-/// `staleness_bound`).
+/// The flags of every node: the test timers and this cluster.
 fn server_args(seeds: &str) -> Vec<String> {
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    vec![
-        "--dev".into(),
-        "--redis-cluster".into(),
-        seeds.into(),
-        "--lease".into(),
-        ms(LEASE),
-        "--grace".into(),
-        ms(GRACE),
-        "--sweep-interval".into(),
-        ms(SWEEP),
-        "--heartbeat-interval".into(),
-        ms(HEARTBEAT),
+    let mut args: Vec<String> = vec!["--dev".into(), "--redis-cluster".into(), seeds.into()];
+    args.extend(timer_flags());
+    args.extend([
         "--node-lease".into(),
-        ms(NODE_LEASE),
+        duration_flag(NODE_LEASE),
         "--redis-timeout".into(),
-        ms(REDIS_TIMEOUT),
-    ]
+        duration_flag(REDIS_TIMEOUT),
+    ]);
+    args
 }
 
 /// The configuration every node of these tests runs with.
