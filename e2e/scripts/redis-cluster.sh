@@ -15,7 +15,8 @@
 #
 # Environment:
 #   REDIS_CLUSTER_BASE_PORT        first port (default 7000; uses BASE..BASE+5 and +10000 for the bus)
-#   REDIS_CLUSTER_DIR              run dir (default <repo>/.run/redis-cluster)
+#   REDIS_CLUSTER_DIR              run dir (default <repo>/.run/redis-cluster-<first port>, so that
+#                                  clusters on other ports never share, or clear, each other's)
 #   REDIS_CLUSTER_NODE_TIMEOUT_MS  cluster-node-timeout (default 2000: fast failover in tests)
 #   REDIS_CLUSTER_READY_TIMEOUT    seconds to wait for the cluster to become healthy (default 30)
 #
@@ -34,7 +35,7 @@ NODE_TIMEOUT_MS=${REDIS_CLUSTER_NODE_TIMEOUT_MS:-2000}
 READY_TIMEOUT_S=${REDIS_CLUSTER_READY_TIMEOUT:-30}
 # Canonical (-m: may not exist yet) because it is compared with /proc/PID/cwd,
 # which the kernel reports canonicalised, and because redis chdirs into it.
-RUN_DIR=$(readlink -m "${REDIS_CLUSTER_DIR:-$REPO_ROOT/.run/redis-cluster}")
+RUN_DIR=$(readlink -m "${REDIS_CLUSTER_DIR:-$REPO_ROOT/.run/redis-cluster-$BASE_PORT}")
 # The ports are the shared resource (several worktrees may run this script), so
 # the lock is keyed by port, not by run dir, and lives outside the run dir that
 # `stop` deletes.
