@@ -565,3 +565,88 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
     );
     server.stop().await;
 }
+
+/// Redis lost users it held (here the whole cluster restarted empty) while
+/// ScyllaDB kept their last visible state. A read answers from ScyllaDB and
+/// puts the user back into Redis, and a device opening a session builds on
+/// what ScyllaDB knew: an invisible user does not come back visible. (A busy
+/// user who is offline shows nothing busy, so ScyllaDB cannot tell that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_redis_lost_come_back_from_scylla_as_they_left() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let server = services.start_server().await;
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+    befriend(&server, &alice, &[&bob, &carol]).await;
+    for (who, status) in [
+        (&bob, pb::UserStatus::Invisible),
+        (&carol, pb::UserStatus::Online),
+    ] {
+        let device = client(&server, who, "phone").await;
+        device
+            .start_session(SessionOptions::default())
+            .await
+            .expect("session opens");
+        set_status(&server, who, status, "").await;
+        device.end_session().await.expect("logout");
+    }
+    let durable = services.durable_history().await;
+    let ids = [bob.clone(), carol.clone()];
+    eventually(
+        FLUSHED_WITHIN,
+        "both users' last state in the CQL store",
+        || async {
+            let lasts = durable.last(&ids).await.unwrap_or_default();
+            lasts.iter().flatten().count() == 2
+                && lasts
+                    .iter()
+                    .flatten()
+                    .all(|last| last.status == VisibleStatus::Offline)
+        },
+    )
+    .await;
+
+    Outage::begin(&services, Service::Redis).end();
+    assert!(
+        services.hot_record(&carol).is_none(),
+        "Redis restarted empty"
+    );
+
+    // A read of carol is answered from ScyllaDB, then served by Redis again.
+    let seen = get_presence(&server, &alice, &carol).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    let refilled = eventually(
+        CONVERGED_WITHIN,
+        "carol back in Redis after a read",
+        || async {
+            get_presence(&server, &alice, &carol).await;
+            services.hot_record(&carol).is_some()
+        },
+    )
+    .await;
+    let carol_hot = services.hot_record(&carol).expect("carol in Redis");
+    assert!(carol_hot.sessions.is_empty(), "{carol_hot:?}");
+    assert_eq!(carol_hot.shown.status, VisibleStatus::Offline);
+    assert_eq!(
+        carol_hot.shown.last_seen_ms, seen.last_seen_unix_ms,
+        "{carol_hot:?}"
+    );
+    println!("carol was back in Redis {refilled:?} after Redis came back");
+
+    // Bob comes back on a new device that says nothing of his status, before
+    // anyone read him (a read would have put him back into Redis already).
+    let device = client(&server, &bob, "laptop").await;
+    device
+        .start_session(SessionOptions::default())
+        .await
+        .expect("session opens");
+    let bob_hot = services.hot_record(&bob).expect("bob's session in Redis");
+    assert_eq!(bob_hot.sessions.len(), 1, "{bob_hot:?}");
+    assert_eq!(
+        bob_hot.chosen,
+        presence_server::domain::ChosenStatus::Invisible
+    );
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+}
