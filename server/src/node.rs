@@ -101,6 +101,31 @@ impl LeaseHold {
     }
 }
 
+/// The rounds of a periodic duty until a stop flag is raised. A round in
+/// progress is never cut short: a sweep stopped half-way could drop a lease
+/// without ending its session.
+struct Rounds {
+    ticks: tokio::time::Interval,
+    stop: watch::Receiver<bool>,
+}
+
+impl Rounds {
+    fn new(period: Duration, stop: watch::Receiver<bool>) -> Rounds {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Rounds { ticks, stop }
+    }
+
+    /// Waits for the next round; false once the flag is raised.
+    async fn next(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            () = raised(self.stop.clone()) => false,
+            _ = self.ticks.tick() => true,
+        }
+    }
+}
+
 /// Resolves once the flag is raised (or its sender is gone).
 pub async fn raised(mut flag: watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: drop it here, not in callers.
@@ -873,10 +898,8 @@ impl Node {
     /// node for lost.
     pub async fn run_maintenance(self: Arc<Self>, stop: watch::Receiver<bool>) {
         let duties = async {
-            let mut sweep = tokio::time::interval(self.config.sweep_interval);
-            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                sweep.tick().await;
+            let mut rounds = Rounds::new(self.config.sweep_interval, stop.clone());
+            while rounds.next().await {
                 self.sweep().await;
                 self.catch_up_hot_store().await;
                 self.reclaim_lost_nodes().await;
@@ -885,18 +908,12 @@ impl Node {
             }
         };
         let lease = async {
-            let mut renew = tokio::time::interval(self.config.node_lease / 3);
-            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                renew.tick().await;
+            let mut rounds = Rounds::new(self.config.node_lease / 3, stop.clone());
+            while rounds.next().await {
                 self.renew_node_lease().await;
             }
         };
-        tokio::select! {
-            () = duties => {}
-            () = lease => {}
-            () = raised(stop) => {}
-        }
+        tokio::join!(duties, lease);
     }
 
     async fn renew_node_lease(&self) {
