@@ -64,16 +64,11 @@ impl HistoryStore for RedisHistoryStore {
             by_user.entry(&record.user_id).or_default().push(record);
         }
         self.redis
-            .run(async {
-                let conn = self.redis.conn().await?;
-                let appends = by_user.iter().map(|(user_id, records)| {
-                    let mut conn = conn.clone();
-                    async move { self.append_user(&mut conn, user_id, records).await }
-                });
-                futures::future::try_join_all(appends).await?;
-                Ok(())
+            .per_user(&by_user, |mut conn, (user_id, records)| async move {
+                self.append_user(&mut conn, user_id, records).await
             })
-            .await
+            .await?;
+        Ok(())
     }
 
     async fn page(
@@ -124,24 +119,17 @@ impl HistoryStore for RedisHistoryStore {
 
     async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
         self.redis
-            .run(async {
-                let conn = self.redis.conn().await?;
-                let reads = user_ids.iter().map(|user_id| {
-                    let mut conn = conn.clone();
-                    async move {
-                        let newest: Vec<Vec<u8>> = redis::cmd("ZRANGE")
-                            .arg(keys::history(user_id))
-                            .arg(-1)
-                            .arg(-1)
-                            .query_async(&mut conn)
-                            .await?;
-                        newest
-                            .first()
-                            .map(|member| decode("history record", member))
-                            .transpose()
-                    }
-                });
-                futures::future::try_join_all(reads).await
+            .per_user(user_ids, |mut conn, user_id| async move {
+                let newest: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                    .arg(keys::history(user_id))
+                    .arg(-1)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?;
+                newest
+                    .first()
+                    .map(|member| decode("history record", member))
+                    .transpose()
             })
             .await
     }

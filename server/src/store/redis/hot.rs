@@ -259,23 +259,13 @@ impl HotStore for RedisHotStore {
 
     async fn get(&self, user_ids: &[String]) -> StoreResult<Vec<Option<UserRecord>>> {
         self.redis
-            .run(async {
-                let conn = self.redis.conn().await?;
-                // Different users live on different slots, so no pipeline:
-                // concurrent calls on the multiplexed connection go out
-                // back-to-back anyway.
-                let reads = user_ids.iter().map(|user_id| {
-                    let mut conn = conn.clone();
-                    async move {
-                        let data: Option<Vec<u8>> = redis::cmd("HGET")
-                            .arg(keys::user(user_id))
-                            .arg("d")
-                            .query_async(&mut conn)
-                            .await?;
-                        data.map(|bytes| decode("user record", &bytes)).transpose()
-                    }
-                });
-                futures::future::try_join_all(reads).await
+            .per_user(user_ids, |mut conn, user_id| async move {
+                let data: Option<Vec<u8>> = redis::cmd("HGET")
+                    .arg(keys::user(user_id))
+                    .arg("d")
+                    .query_async(&mut conn)
+                    .await?;
+                data.map(|bytes| decode("user record", &bytes)).transpose()
             })
             .await
     }

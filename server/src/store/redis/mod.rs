@@ -268,6 +268,25 @@ impl Redis {
             Err(_) => Err(Error::Timeout(self.op_timeout).into()),
         }
     }
+
+    /// Runs `call` once per item (one user's keys each), all at once on one
+    /// connection and within one deadline; the results come in the items'
+    /// order. Different users live on different slots, so there is no
+    /// pipeline to build: concurrent calls on the multiplexed connection go
+    /// out back-to-back anyway.
+    async fn per_user<I, T, F, Fut>(&self, items: I, call: F) -> StoreResult<Vec<T>>
+    where
+        I: IntoIterator,
+        F: Fn(ClusterConnection, I::Item) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        self.run(async {
+            let conn = self.conn().await?;
+            futures::future::try_join_all(items.into_iter().map(|item| call(conn.clone(), item)))
+                .await
+        })
+        .await
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {

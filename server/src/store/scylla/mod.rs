@@ -246,15 +246,7 @@ fn named_statements(cql: &str) -> HashMap<String, String> {
 
 async fn apply_schema(session: &Session, config: &ScyllaConfig) -> anyhow::Result<()> {
     let values = Placeholders::of(config)?;
-    for statement in statements(SCHEMA) {
-        let statement = values.fill(&statement);
-        // The driver waits for schema agreement after each schema change, so
-        // the next statement (and the prepares after this) see the tables.
-        session
-            .query_unpaged(statement.as_str(), ())
-            .await
-            .with_context(|| format!("applying schema statement: {statement}"))?;
-    }
+    run_statements(session, SCHEMA, &values).await?;
 
     // CREATE ... IF NOT EXISTS keeps an existing table as it is: bring its TTL
     // to the configured retention when that changed.
@@ -276,13 +268,25 @@ async fn apply_schema(session: &Session, config: &ScyllaConfig) -> anyhow::Resul
             to_seconds = values.ttl_seconds,
             "history retention changed; altering the history table's TTL"
         );
-        for statement in statements(RETENTION) {
-            let statement = values.fill(&statement);
-            session
-                .query_unpaged(statement.as_str(), ())
-                .await
-                .with_context(|| format!("applying {statement}"))?;
-        }
+        run_statements(session, RETENTION, &values).await?;
+    }
+    Ok(())
+}
+
+/// Runs the statements of a schema file in order, placeholders filled in.
+async fn run_statements(
+    session: &Session,
+    file: &str,
+    values: &Placeholders,
+) -> anyhow::Result<()> {
+    for statement in statements(file) {
+        let statement = values.fill(&statement);
+        // The driver waits for schema agreement after each schema change, so
+        // the next statement (and the prepares after this) see the tables.
+        session
+            .query_unpaged(statement.as_str(), ())
+            .await
+            .with_context(|| format!("applying schema statement: {statement}"))?;
     }
     Ok(())
 }
