@@ -800,12 +800,15 @@ async fn presence_is_rebuilt_after_redis_restarts_empty() {
     }
     let restarted = Instant::now();
     let admin = admin_on(n1).await;
+    // Until node 2 re-asserts bob's session, a read may be answered from the
+    // history (its write buffer still holds bob's last row): ONLINE at the
+    // version before. The rebuilt record is a new change, a newer version.
     let (rebuilt, took) = eventually(
         NODE_LEASE * 4,
-        "bob ONLINE again after the restart",
+        "bob ONLINE again after the restart, rebuilt",
         || async {
             match admin.get_one(&bob).await {
-                Ok(p) if p.status() == VisibleStatus::Online => Ok(p),
+                Ok(p) if p.status() == VisibleStatus::Online && p.version > before.version => Ok(p),
                 Ok(p) => Err(format!("{:?} v{}", p.status(), p.version)),
                 Err(e) => Err(e.to_string()),
             }
@@ -813,7 +816,6 @@ async fn presence_is_rebuilt_after_redis_restarts_empty() {
     )
     .await;
     println!("bob ONLINE again through node 1 {took:?} after Redis came back empty");
-    assert!(rebuilt.version > before.version, "versions never go back");
 
     // The watch on node 1 learns it through the fan-out, whose subscriptions
     // the restart dropped: a node notices a lost channel at once when Redis
