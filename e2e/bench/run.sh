@@ -191,42 +191,42 @@ multi() {
   dir=$(new_dir "$name")
   for run in $(seq "$RUNS"); do
     for variant in $(variants); do
-    vname=${variant%%=*}
-    SERVER=${variant#*=}
-    file=$(run_file "$run" "$vname")
-    log "$name${vname:+ ($vname)}: run $run/$RUNS (load $(cut -d' ' -f1 /proc/loadavg))"
-    e2e/scripts/redis-cluster.sh flushall >/dev/null 2>&1
-    targets=()
-    for i in $(seq 0 $((nodes - 1))); do
-      pid=$(start_server $((BENCH_PORT + i)) "$dir/$file.server-$i.log" \
-        --redis-cluster "$REDIS_URLS" --node-id "bench-$i")
-      server_pids+=("$pid")
-      targets+=("127.0.0.1:$((BENCH_PORT + i))")
-    done
-    pids=("${server_pids[@]}")
-    rm -rf "$dir/barrier-$file"
-    mkdir -p "$dir/procs"
-    loadgen_pids=()
-    for i in $(seq 0 $((procs - 1))); do
-      local leader=()
-      [ "$i" = 0 ] && leader=(--server-pid "$(joined "${pids[@]}")" --redis "$REDIS_URLS")
-      # shellcheck disable=SC2086
-      "$LOADGEN" run --label "$name${vname:+ ($vname)}" --target "$(joined "${targets[@]}")" \
-        --source-ip "127.0.0.$((2 + i))" --user-prefix "p$i-" \
-        --barrier "$dir/barrier-$file" --procs "$procs" --proc-index "$i" \
-        --threads 1 --progress "$([ "$i" = 0 ] && echo 2s || echo 0s)" \
-        --json "$dir/procs/$file.proc-$i.json" "${leader[@]}" "$@" $LOADGEN_FLAGS \
-        >"$dir/procs/$file.proc-$i.txt" 2>"$dir/procs/$file.proc-$i.progress" &
-      loadgen_pids+=($!)
-    done
-    local failed=
-    for pid in "${loadgen_pids[@]}"; do wait "$pid" || failed=1; done
-    loadgen_pids=()
-    stop_servers
-    [ -z "$failed" ] || { tail -5 "$dir/procs/$file".proc-*.progress >&2; die "$name run $run failed"; }
-    "$LOADGEN" merge --json "$dir/$file.json" "$dir/procs/$file".proc-*.json >"$dir/$file.txt"
-    grep -E 'sessions opened|connections  |change-to-watcher p99 ms|GetPresence batch .* p99 ms|per session|per 1k|Redis commands per|errors|resets' \
-      "$dir/$file.txt" | sed 's/^/    /' >&2 || true
+      vname=${variant%%=*}
+      SERVER=${variant#*=}
+      file=$(run_file "$run" "$vname")
+      log "$name${vname:+ ($vname)}: run $run/$RUNS (load $(cut -d' ' -f1 /proc/loadavg))"
+      e2e/scripts/redis-cluster.sh flushall >/dev/null 2>&1
+      targets=()
+      for i in $(seq 0 $((nodes - 1))); do
+        pid=$(start_server $((BENCH_PORT + i)) "$dir/$file.server-$i.log" \
+          --redis-cluster "$REDIS_URLS" --node-id "bench-$i")
+        server_pids+=("$pid")
+        targets+=("127.0.0.1:$((BENCH_PORT + i))")
+      done
+      pids=("${server_pids[@]}")
+      rm -rf "$dir/barrier-$file"
+      mkdir -p "$dir/procs"
+      loadgen_pids=()
+      for i in $(seq 0 $((procs - 1))); do
+        local leader=()
+        [ "$i" = 0 ] && leader=(--server-pid "$(joined "${pids[@]}")" --redis "$REDIS_URLS")
+        # shellcheck disable=SC2086
+        "$LOADGEN" run --label "$name${vname:+ ($vname)}" --target "$(joined "${targets[@]}")" \
+          --source-ip "127.0.0.$((2 + i))" --user-prefix "p$i-" \
+          --barrier "$dir/barrier-$file" --procs "$procs" --proc-index "$i" \
+          --threads 1 --progress "$([ "$i" = 0 ] && echo 2s || echo 0s)" \
+          --json "$dir/procs/$file.proc-$i.json" "${leader[@]}" "$@" $LOADGEN_FLAGS \
+          >"$dir/procs/$file.proc-$i.txt" 2>"$dir/procs/$file.proc-$i.progress" &
+        loadgen_pids+=($!)
+      done
+      local failed=
+      for pid in "${loadgen_pids[@]}"; do wait "$pid" || failed=1; done
+      loadgen_pids=()
+      stop_servers
+      [ -z "$failed" ] || { tail -5 "$dir/procs/$file".proc-*.progress >&2; die "$name run $run failed"; }
+      "$LOADGEN" merge --json "$dir/$file.json" "$dir/procs/$file".proc-*.json >"$dir/$file.txt"
+      grep -E 'sessions opened|connections  |change-to-watcher p99 ms|GetPresence batch .* p99 ms|per session|per 1k|Redis commands per|errors|resets' \
+        "$dir/$file.txt" | sed 's/^/    /' >&2 || true
     done
   done
   finish "$dir" "$name"
