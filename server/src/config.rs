@@ -164,6 +164,18 @@ pub struct Config {
     #[command(flatten)]
     pub limits: LimitsConfig,
 
+    /// Origins whose pages may call the API from a browser (gRPC-web),
+    /// comma-separated, e.g. `https://app.example.com`. Unset: any origin.
+    /// Browsers never send credentials (cookies) along: the API is
+    /// authorized by a bearer token, not by ambient cookies.
+    #[arg(
+        long,
+        env = "PRESENCE_CORS_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub cors_origins: Vec<String>,
+
     /// Where to serve Prometheus metrics (/metrics). Unset: not served.
     #[arg(long, env = "PRESENCE_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
@@ -280,6 +292,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "--sweep-interval, --heartbeat-interval and --node-lease must be above zero".into(),
             ));
+        }
+        if let Some(origin) = self
+            .cors_origins
+            .iter()
+            .find(|origin| http::HeaderValue::from_str(origin).is_err() || !origin.contains("://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--cors-origins: {origin:?} is not an origin like https://app.example.com"
+            )));
         }
         if self.history_buffer == 0 {
             return Err(ConfigError::Invalid(

@@ -41,7 +41,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tower_http::cors::CorsLayer;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
@@ -232,7 +232,7 @@ pub async fn run(
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(CorsLayer::very_permissive())
+        .layer(cors(&config.cors_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -285,6 +285,29 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
         return tracing::debug_span!("rpc", method, request_id);
     }
     tracing::info_span!("rpc", method, request_id)
+}
+
+/// Cross-origin access for browsers. gRPC-web sends the status of a call
+/// that fails before any message in the response headers, which a page on
+/// another origin can only read when they are exposed; without them every
+/// error reads as "missing trailer".
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow_origin = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|origin| origin.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([http::Method::POST, http::Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            http::HeaderName::from_static("grpc-status"),
+            http::HeaderName::from_static("grpc-message"),
+            http::HeaderName::from_static("grpc-status-details-bin"),
+            http::HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(24 * 60 * 60))
 }
 
 /// Accepted connections. TCP_NODELAY: acks, events and replies are small
