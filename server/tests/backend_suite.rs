@@ -26,7 +26,9 @@ use presence_server::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
 use presence_server::store::redis::{RedisBackends, keys};
-use presence_server::store::{BusEvent, FanOut, HotStore, StoreError, StoreResult};
+use presence_server::store::{
+    BusEvent, ChoiceRecord, DurableState, FanOut, HotStore, StoreError, StoreResult,
+};
 
 const LIMITS: Limits = Limits {
     max_sessions_per_user: 4,
@@ -358,6 +360,58 @@ async fn latest_record_is_the_durable_presence(b: Backends) {
     assert_eq!(last, vec![Some(newest), None]);
 }
 
+/// The user's choice is durable on its own: a user never visible still has
+/// one, the newest choice wins whatever order writes arrive in, and the
+/// choice and the visible state never overwrite each other.
+async fn choices_are_durable_and_the_newest_wins(b: Backends) {
+    let (hidden, seen, nobody) = (unique("jo"), unique("kim"), unique("nobody"));
+    let now = now_ms();
+    let stamp = |at_ms: i64| at_ms as u64 * 1000;
+    let choice = |user: &str, chosen, message: &str, at_us| ChoiceRecord {
+        user_id: user.to_owned(),
+        chosen,
+        custom_message: message.to_owned(),
+        at_us,
+    };
+    // Invisible from the start: a choice, never a visible change.
+    let invisible = choice(&hidden, ChosenStatus::Invisible, "", stamp(now + 2));
+    b.history.save_choices(&[invisible.clone()]).await.unwrap();
+    // An older choice arriving late (a retry, another node) must not win.
+    let older = choice(&hidden, ChosenStatus::Busy, "late", stamp(now + 1));
+    b.history.save_choices(&[older]).await.unwrap();
+    // Seen online, then busy: the visible state and the choice side by side.
+    let online = history(&seen, now, stamp(now));
+    b.history.append(&[online.clone()]).await.unwrap();
+    let busy = choice(&seen, ChosenStatus::Busy, "meeting", stamp(now + 3));
+    b.history.save_choices(&[busy.clone()]).await.unwrap();
+
+    let ids = [hidden.clone(), seen.clone(), nobody];
+    let states = b.history.durable(&ids).await.unwrap();
+    assert_eq!(states[0].choice.as_ref(), Some(&invisible));
+    assert_eq!(states[0].last, None, "never visible");
+    assert_eq!(states[1].choice.as_ref(), Some(&busy));
+    assert_eq!(states[1].last.as_ref(), Some(&online));
+    assert_eq!(states[2], DurableState::default());
+    let lasts = b.history.last(&ids).await.unwrap();
+    assert_eq!(lasts, vec![None, Some(online.clone()), None]);
+
+    // A later visible change leaves the choice alone, and the other way round.
+    let offline = HistoryRecord {
+        status: VisibleStatus::Offline,
+        offline_reason: Some(OfflineReason::Logout),
+        ..history(&seen, now + 4, stamp(now + 4))
+    };
+    b.history.append(&[offline.clone()]).await.unwrap();
+    let online_again = choice(&seen, ChosenStatus::Online, "", stamp(now + 5));
+    b.history
+        .save_choices(&[online_again.clone()])
+        .await
+        .unwrap();
+    let state = b.history.durable(&[seen]).await.unwrap().remove(0);
+    assert_eq!(state.last, Some(offline));
+    assert_eq!(state.choice, Some(online_again));
+}
+
 macro_rules! suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -374,6 +428,7 @@ macro_rules! suite {
                 history_pages_in_order_without_duplicates,
                 fanout_delivers_to_watchers_in_order,
                 latest_record_is_the_durable_presence,
+                choices_are_durable_and_the_newest_wins,
             );
         }
     };

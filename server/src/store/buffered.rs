@@ -12,12 +12,16 @@
 //! still takes effect (hot store, fan-out), only its history row is missing,
 //! and the caller logs that.
 //!
-//! Reads merge the buffer in: `page` and `last` see records not yet written,
-//! so a user reads their own changes right away, also while the writer is
-//! catching up after an outage. While the inner store is down, `page` fails
-//! (a page without the stored records would be silently incomplete), and
-//! `last` answers from the buffer alone when it holds a record for every user
-//! asked for.
+//! Users' choices ([`ChoiceRecord`]) take the same way: held (the newest per
+//! user), counted against the same capacity, written in batches and retried.
+//!
+//! Reads merge the buffer in: `page`, `last` and `durable` see records and
+//! choices not yet written, so a user reads their own changes right away,
+//! also while the writer is catching up after an outage. While the inner
+//! store is down, `page` fails (a page without the stored records would be
+//! silently incomplete), `last` answers from the buffer alone when it holds a
+//! record for every user asked for, and `durable` when it holds a record and
+//! a choice for every user asked for.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -29,7 +33,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 
-use super::{HistoryStore, StoreError, StoreResult};
+use super::{ChoiceRecord, DurableState, HistoryStore, StoreError, StoreResult};
 use crate::domain::HistoryRecord;
 
 /// Counter of history records refused because the buffer was full.
@@ -110,10 +114,15 @@ struct State {
     /// Every record held, waiting or being written, by user and version:
     /// what reads merge in, and how a re-append of a held record is spotted.
     held: HashMap<String, BTreeMap<u64, HistoryRecord>>,
-    /// How many records `held` holds.
+    /// The newest choice held per user, waiting or being written: what
+    /// reads merge in. Only the newest matters: the store keeps the newest.
+    choices: HashMap<String, HeldChoice>,
+    /// How many records `held` holds, plus how many choices `choices` holds.
     count: usize,
     /// Keys of the records the writer has not taken yet, oldest first.
     waiting: VecDeque<(String, u64)>,
+    /// Users whose held choice the writer has not taken yet, oldest first.
+    choices_waiting: VecDeque<String>,
     /// Set by `flush` (and on drop) so the writer does not wait for a batch
     /// to fill; cleared once nothing waits.
     urgent: bool,
@@ -123,11 +132,30 @@ struct State {
     refused_since_log: u64,
 }
 
+/// A choice in the buffer.
+struct HeldChoice {
+    choice: ChoiceRecord,
+    /// In `choices_waiting`, not taken by the writer yet.
+    waiting: bool,
+}
+
+/// What the writer writes at once.
+#[derive(Default)]
+struct Batch {
+    records: Vec<HistoryRecord>,
+    choices: Vec<ChoiceRecord>,
+}
+
 impl State {
     fn holds(&self, record: &HistoryRecord) -> bool {
         self.held
             .get(&record.user_id)
             .is_some_and(|versions| versions.contains_key(&record.version))
+    }
+
+    /// Records and choices the writer has not taken yet.
+    fn waiting(&self) -> usize {
+        self.waiting.len() + self.choices_waiting.len()
     }
 }
 
@@ -198,36 +226,87 @@ impl Drop for BufferedHistory {
 }
 
 impl Shared {
+    /// Counts and logs `n` records or choices refused because the buffer is
+    /// full, and returns the error for the caller.
+    fn refuse(&self, state: &mut State, n: usize) -> StoreError {
+        self.refused.fetch_add(n as u64, Ordering::Relaxed);
+        metrics::counter!(REFUSED_METRIC).increment(n as u64);
+        state.refused_since_log += n as u64;
+        let log_due = state
+            .last_refusal_log
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
+        if log_due {
+            tracing::error!(
+                refused = state.refused_since_log,
+                refused_total = self.refused.load(Ordering::Relaxed),
+                capacity = self.config.capacity,
+                "history buffer full: refusing new history records until the store catches up"
+            );
+            state.last_refusal_log = Some(Instant::now());
+            state.refused_since_log = 0;
+        }
+        StoreError::Unavailable(format!(
+            "history buffer full ({} records)",
+            self.config.capacity
+        ))
+    }
+
     fn publish_depth(&self, count: usize) {
         self.depth.send_replace(count);
         crate::metrics::history_buffered(count);
     }
 
-    /// Takes up to a batch of waiting records, cloned: they stay in `held`
-    /// (visible to reads, deduplicating re-appends) until they are written.
-    fn take_batch(&self) -> Vec<HistoryRecord> {
-        let mut state = self.state.lock();
+    /// Takes up to a batch of waiting records, and up to a batch of waiting
+    /// choices, cloned: they stay held (visible to reads, deduplicating
+    /// re-appends) until they are written.
+    fn take_batch(&self) -> Batch {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         let n = state.waiting.len().min(self.config.batch_size);
-        let mut batch = Vec::with_capacity(n);
+        let mut batch = Batch {
+            records: Vec::with_capacity(n),
+            choices: Vec::new(),
+        };
         for _ in 0..n {
             let Some((user_id, version)) = state.waiting.pop_front() else {
                 break;
             };
             if let Some(record) = state.held.get(&user_id).and_then(|v| v.get(&version)) {
-                batch.push(record.clone());
+                batch.records.push(record.clone());
             }
         }
-        if state.waiting.is_empty() {
+        let n = state.choices_waiting.len().min(self.config.batch_size);
+        for _ in 0..n {
+            let Some(user_id) = state.choices_waiting.pop_front() else {
+                break;
+            };
+            if let Some(held) = state.choices.get_mut(&user_id) {
+                held.waiting = false;
+                batch.choices.push(held.choice.clone());
+            }
+        }
+        if state.waiting() == 0 {
             state.urgent = state.closed;
         }
         batch
     }
 
-    /// Forgets the records of a written batch.
-    fn written(&self, batch: &[HistoryRecord]) {
+    /// Forgets the records and choices of a written batch; a choice replaced
+    /// by a newer one meanwhile stays, waiting for its own write.
+    fn written(&self, batch: &Batch) {
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        for record in batch {
+        for choice in &batch.choices {
+            let done = state
+                .choices
+                .get(&choice.user_id)
+                .is_some_and(|held| !held.waiting && held.choice.at_us == choice.at_us);
+            if done {
+                state.choices.remove(&choice.user_id);
+                state.count -= 1;
+            }
+        }
+        for record in &batch.records {
             if let Some(versions) = state.held.get_mut(&record.user_id) {
                 if versions.remove(&record.version).is_some() {
                     state.count -= 1;
@@ -240,19 +319,31 @@ impl Shared {
         let count = state.count;
         drop(guard);
         self.written
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .fetch_add(batch.records.len() as u64, Ordering::Relaxed);
         self.publish_depth(count);
     }
 
+    /// Writes the batch's records, then its choices.
+    async fn write_once(&self, batch: &Batch) -> StoreResult<()> {
+        if !batch.records.is_empty() {
+            self.inner.append(&batch.records).await?;
+        }
+        if !batch.choices.is_empty() {
+            self.inner.save_choices(&batch.choices).await?;
+        }
+        Ok(())
+    }
+
     /// Writes `batch` to the inner store, retrying with backoff until it is
-    /// stored. Appends are idempotent (same user and version stored once), so
-    /// a batch that failed half-way is simply written again whole.
-    async fn write(&self, batch: &[HistoryRecord]) {
+    /// stored. Appends and choices are idempotent (same user and version, or
+    /// the same choice, stored once), so a batch that failed half-way is
+    /// simply written again whole.
+    async fn write(&self, batch: &Batch) {
         let mut backoff = self.config.min_backoff;
         let mut failures = 0u32;
         let mut first_failure = None;
         loop {
-            let attempt = tokio::time::timeout(self.config.write_timeout, self.inner.append(batch));
+            let attempt = tokio::time::timeout(self.config.write_timeout, self.write_once(batch));
             let error = match attempt.await {
                 Ok(Ok(())) => break,
                 Ok(Err(error)) => error,
@@ -270,7 +361,7 @@ impl Shared {
                 tracing::warn!(
                     %error,
                     failures,
-                    batch = batch.len(),
+                    batch = batch.records.len() + batch.choices.len(),
                     buffered = *self.depth.borrow(),
                     "history write failed; the records stay buffered and are retried"
                 );
@@ -301,7 +392,7 @@ async fn writer(shared: Arc<Shared>) {
     loop {
         let (waiting, urgent, closed) = {
             let state = shared.state.lock();
-            (state.waiting.len(), state.urgent, state.closed)
+            (state.waiting(), state.urgent, state.closed)
         };
         if waiting == 0 {
             if closed {
@@ -316,7 +407,7 @@ async fn writer(shared: Arc<Shared>) {
                 tokio::time::timeout(shared.config.flush_interval, shared.wake.notified()).await;
         }
         let batch = shared.take_batch();
-        if !batch.is_empty() {
+        if !batch.records.is_empty() || !batch.choices.is_empty() {
             shared.write(&batch).await;
         }
     }
@@ -337,30 +428,9 @@ impl HistoryStore for BufferedHistory {
             return Ok(());
         }
         if state.count + new.len() > shared.config.capacity {
-            shared
-                .refused
-                .fetch_add(new.len() as u64, Ordering::Relaxed);
-            metrics::counter!(REFUSED_METRIC).increment(new.len() as u64);
-            state.refused_since_log += new.len() as u64;
-            let log_due = state
-                .last_refusal_log
-                .is_none_or(|at| at.elapsed() >= Duration::from_secs(10));
-            if log_due {
-                tracing::error!(
-                    refused = state.refused_since_log,
-                    refused_total = shared.refused.load(Ordering::Relaxed),
-                    capacity = shared.config.capacity,
-                    "history buffer full: refusing new history records until the store catches up"
-                );
-                state.last_refusal_log = Some(Instant::now());
-                state.refused_since_log = 0;
-            }
-            return Err(StoreError::Unavailable(format!(
-                "history buffer full ({} records)",
-                shared.config.capacity
-            )));
+            return Err(shared.refuse(&mut state, new.len()));
         }
-        let was_empty = state.waiting.is_empty();
+        let was_empty = state.waiting() == 0;
         // Keep arrival order in the queue (the sort above only deduplicated):
         // the oldest changes are written first.
         for record in records {
@@ -374,13 +444,103 @@ impl HistoryStore for BufferedHistory {
                 .waiting
                 .push_back((record.user_id.clone(), record.version));
         }
-        let (count, waiting) = (state.count, state.waiting.len());
+        let (count, waiting) = (state.count, state.waiting());
         drop(state);
         shared.publish_depth(count);
         if was_empty || waiting >= shared.config.batch_size {
             shared.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Holds the choices and returns at once; refuses the whole call if the
+    /// buffer cannot hold them. A choice older than one held for the same
+    /// user is already superseded, and dropped.
+    async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()> {
+        let shared = &self.shared;
+        let mut guard = shared.state.lock();
+        let state = &mut *guard;
+        let mut new_users: Vec<&str> = choices
+            .iter()
+            .filter(|c| !state.choices.contains_key(&c.user_id))
+            .map(|c| c.user_id.as_str())
+            .collect();
+        new_users.sort_unstable();
+        new_users.dedup();
+        if state.count + new_users.len() > shared.config.capacity {
+            return Err(shared.refuse(state, choices.len()));
+        }
+        let was_empty = state.waiting() == 0;
+        for choice in choices {
+            match state.choices.get_mut(&choice.user_id) {
+                Some(held) if held.choice.at_us >= choice.at_us => {}
+                Some(held) => {
+                    held.choice = choice.clone();
+                    // Taken by the writer already: the newer one is written
+                    // after it.
+                    if !held.waiting {
+                        held.waiting = true;
+                        state.choices_waiting.push_back(choice.user_id.clone());
+                    }
+                }
+                None => {
+                    state.choices.insert(
+                        choice.user_id.clone(),
+                        HeldChoice {
+                            choice: choice.clone(),
+                            waiting: true,
+                        },
+                    );
+                    state.count += 1;
+                    state.choices_waiting.push_back(choice.user_id.clone());
+                }
+            }
+        }
+        let (count, waiting) = (state.count, state.waiting());
+        drop(guard);
+        shared.publish_depth(count);
+        if was_empty || waiting >= shared.config.batch_size {
+            shared.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
+        let buffered: Vec<DurableState> = {
+            let state = self.shared.state.lock();
+            user_ids
+                .iter()
+                .map(|id| DurableState {
+                    last: state
+                        .held
+                        .get(id)
+                        .and_then(|versions| versions.last_key_value())
+                        .map(|(_, record)| record.clone()),
+                    choice: state.choices.get(id).map(|held| held.choice.clone()),
+                })
+                .collect()
+        };
+        let stored = match self.shared.inner.durable(user_ids).await {
+            Ok(stored) => stored,
+            // Every user asked for has a buffered record and choice, newer
+            // than what the store holds: the answer does not need the store.
+            Err(_)
+                if buffered
+                    .iter()
+                    .all(|b| b.last.is_some() && b.choice.is_some()) =>
+            {
+                return Ok(buffered);
+            }
+            Err(error) => return Err(error),
+        };
+        Ok(stored
+            .into_iter()
+            .zip(buffered)
+            .map(|(stored, buffered)| DurableState {
+                last: newest(stored.last, buffered.last, |r| r.version),
+                choice: newest(stored.choice, buffered.choice, |c| c.at_us),
+            })
+            .collect())
     }
 
     async fn page(
@@ -441,11 +601,16 @@ impl HistoryStore for BufferedHistory {
         Ok(stored
             .into_iter()
             .zip(buffered)
-            .map(|(stored, buffered)| match (stored, buffered) {
-                (Some(s), Some(b)) => Some(if b.version >= s.version { b } else { s }),
-                (s, b) => s.or(b),
-            })
+            .map(|(stored, buffered)| newest(stored, buffered, |r| r.version))
             .collect())
+    }
+}
+
+/// The newer of two, by `order`; the buffered one on a tie.
+fn newest<T>(stored: Option<T>, buffered: Option<T>, order: impl Fn(&T) -> u64) -> Option<T> {
+    match (stored, buffered) {
+        (Some(s), Some(b)) => Some(if order(&b) >= order(&s) { b } else { s }),
+        (s, b) => s.or(b),
     }
 }
 
@@ -484,7 +649,7 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
-    use crate::domain::VisibleStatus;
+    use crate::domain::{ChosenStatus, VisibleStatus};
     use crate::store::embedded::EmbeddedHistoryStore;
 
     /// An embedded store that can be taken down: every call fails while down.
@@ -536,6 +701,25 @@ mod tests {
         async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
             self.check()?;
             self.store.last(user_ids).await
+        }
+
+        async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()> {
+            self.check()?;
+            self.store.save_choices(choices).await
+        }
+
+        async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
+            self.check()?;
+            self.store.durable(user_ids).await
+        }
+    }
+
+    fn choice(user: &str, chosen: ChosenStatus, at_us: u64) -> ChoiceRecord {
+        ChoiceRecord {
+            user_id: user.to_owned(),
+            chosen,
+            custom_message: String::new(),
+            at_us,
         }
     }
 
@@ -650,6 +834,47 @@ mod tests {
         let last = buffer.last(&["u".into(), "other".into()]).await.unwrap();
         assert_eq!(last[0].as_ref().map(|r| r.version), Some(4));
         assert_eq!(last[1], None);
+    }
+
+    #[tokio::test]
+    async fn choices_survive_an_outage_and_the_newest_wins() {
+        let inner = Flaky::new();
+        let buffer = BufferedHistory::start(inner.clone(), quick());
+        inner.down.store(true, Ordering::SeqCst);
+        let (hidden, busy) = (
+            choice("u", ChosenStatus::Invisible, 20),
+            choice("u", ChosenStatus::Busy, 10),
+        );
+        buffer.save_choices(&[hidden.clone()]).await.unwrap();
+        // Late, older: superseded.
+        buffer.save_choices(&[busy]).await.unwrap();
+        buffer.append(&[record("u", 4)]).await.unwrap();
+        assert_eq!(buffer.depth(), 2);
+        // Store down: the buffer holds both parts of u's durable state.
+        let durable = buffer.durable(&["u".to_owned()]).await.unwrap();
+        assert_eq!(durable[0].choice.as_ref(), Some(&hidden));
+        assert_eq!(durable[0].last.as_ref().map(|r| r.version), Some(4));
+        buffer
+            .save_choices(&[choice("v", ChosenStatus::Busy, 5)])
+            .await
+            .unwrap();
+        assert!(
+            buffer.durable(&["v".to_owned()]).await.is_err(),
+            "v's visible state is unknown: no guess"
+        );
+        inner.down.store(false, Ordering::SeqCst);
+        buffer.flush(Duration::from_secs(5)).await.unwrap();
+        let stored = inner
+            .store
+            .durable(&["u".into(), "v".into()])
+            .await
+            .unwrap();
+        assert_eq!(stored[0].choice.as_ref(), Some(&hidden));
+        assert_eq!(
+            stored[1].choice.as_ref().map(|c| c.chosen),
+            Some(ChosenStatus::Busy)
+        );
+        assert_eq!(stored[1].last, None);
     }
 
     #[tokio::test]

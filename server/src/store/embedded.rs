@@ -8,7 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{BusEvent, ContactStore, FanOut, HistoryStore, HotStore, StoreError, StoreResult};
+use super::{
+    BusEvent, ChoiceRecord, ContactStore, DurableState, FanOut, HistoryStore, HotStore, StoreError,
+    StoreResult,
+};
 use crate::domain::{Applied, HistoryRecord, Limits, Mutation, UserRecord, apply};
 use crate::hub::Hub;
 
@@ -139,10 +142,13 @@ impl ContactStore for EmbeddedContactStore {
     }
 }
 
-/// History in per-user queues, oldest first, pruned to the retention on write.
+/// History in per-user queues, oldest first, pruned to the retention on write;
+/// and each user's latest choice, kept for the life of the process (like the
+/// embedded hot store's records).
 pub struct EmbeddedHistoryStore {
     retention: Duration,
     users: Mutex<HashMap<String, VecDeque<HistoryRecord>>>,
+    choices: Mutex<HashMap<String, ChoiceRecord>>,
 }
 
 impl EmbeddedHistoryStore {
@@ -150,6 +156,7 @@ impl EmbeddedHistoryStore {
         EmbeddedHistoryStore {
             retention,
             users: Mutex::default(),
+            choices: Mutex::default(),
         }
     }
 
@@ -235,6 +242,33 @@ impl HistoryStore for EmbeddedHistoryStore {
         Ok(user_ids
             .iter()
             .map(|id| users.get(id).and_then(|queue| queue.back().cloned()))
+            .collect())
+    }
+
+    async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()> {
+        let mut held = self.choices.lock();
+        for choice in choices {
+            match held.get_mut(&choice.user_id) {
+                Some(newest) if newest.at_us >= choice.at_us => {}
+                Some(older) => *older = choice.clone(),
+                None => {
+                    held.insert(choice.user_id.clone(), choice.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
+        let lasts = self.last(user_ids).await?;
+        let choices = self.choices.lock();
+        Ok(user_ids
+            .iter()
+            .zip(lasts)
+            .map(|(id, last)| DurableState {
+                last,
+                choice: choices.get(id).cloned(),
+            })
             .collect())
     }
 }

@@ -8,11 +8,14 @@ pub mod embedded;
 pub mod redis;
 pub mod scylla;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::{Applied, HistoryRecord, Limits, Mutation, TransitionError, UserRecord};
+use crate::domain::{
+    Applied, ChosenStatus, HistoryRecord, Limits, Mutation, TransitionError, UserRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -109,6 +112,66 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// retention where the backend can (it is the user's durable presence,
     /// read when the hot store is unavailable).
     async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>>;
+
+    /// Stores the users' choices. Per user the choice with the highest
+    /// `at_us` wins, whatever order the writes arrive in, and storing a
+    /// choice twice stores it once, so callers may retry. Kept past the
+    /// retention where the backend can, like `last`.
+    async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()>;
+
+    /// What the store knows of each user, in the order given: the latest
+    /// record (as `last` answers it) and the latest choice. Fails rather
+    /// than answer a part: a node must not guess a choice it could not read.
+    async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>>;
+}
+
+/// A user's choice (the status they chose and their custom message) as the
+/// durable store keeps it. Every accepted change of the choice is saved, also
+/// one contacts cannot see (going invisible while offline): the shown state
+/// alone cannot tell the choice, and a hot store that loses the user, or
+/// cannot be reached, must not make a node guess it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChoiceRecord {
+    pub user_id: String,
+    pub chosen: ChosenStatus,
+    pub custom_message: String,
+    /// Orders the choices of one user, the highest wins: a microsecond
+    /// stamp from [`choice_stamp`].
+    pub at_us: u64,
+}
+
+/// What the durable store knows of one user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DurableState {
+    /// The latest change of what contacts saw; `None` if never visible (or
+    /// forgotten past the retention, where the backend cannot keep it).
+    pub last: Option<HistoryRecord>,
+    /// The latest choice; `None` if the user never chose anything (then the
+    /// default applies), or chose only before choices were saved (then the
+    /// shown state tells what it can).
+    pub choice: Option<ChoiceRecord>,
+}
+
+/// The stamp of a choice made at `now_ms` by a user whose shown version is
+/// now `version`: the clock in microseconds (the unit of versions and of CQL
+/// write timestamps), never below `version`, and above every stamp this
+/// process handed out before. Versions grow through the hot store across
+/// nodes, so a choice that changed what contacts see outranks every earlier
+/// one; two unseen changes on two nodes are ordered by the nodes' clocks.
+pub fn choice_stamp(now_ms: i64, version: u64) -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let floor = u64::try_from(now_ms)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .max(version);
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let stamp = floor.max(last + 1);
+        match LAST.compare_exchange_weak(last, stamp, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return stamp,
+            Err(actual) => last = actual,
+        }
+    }
 }
 
 /// What one node tells the others: every presence change and every contacts

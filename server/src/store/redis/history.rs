@@ -1,6 +1,7 @@
 //! [`RedisHistoryStore`]: one sorted set per user, scored by version, members
 //! the JSON records, pruned to the retention on every append and expiring
-//! whole when the user's presence stops changing. For a deployment without
+//! whole when the user's presence stops changing; and one small hash per user
+//! with their latest choice, kept without expiry. For a deployment without
 //! ScyllaDB; with it, Scylla holds the durable history.
 //!
 //! Scores are doubles, exact for integers up to 2^53; versions are
@@ -12,10 +13,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::scripts::HISTORY_APPEND;
+use super::scripts::{CHOICE_SAVE, HISTORY_APPEND};
 use super::{Error, Redis, RedisOptions, decode, encode, keys, millis};
 use crate::domain::HistoryRecord;
-use crate::store::{HistoryStore, StoreResult};
+use crate::store::{ChoiceRecord, DurableState, HistoryStore, StoreResult};
 
 /// Records read per round trip while paging.
 const PAGE_CHUNK: usize = 256;
@@ -120,17 +121,54 @@ impl HistoryStore for RedisHistoryStore {
     async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
         self.redis
             .per_user(user_ids, |mut conn, user_id| async move {
-                let newest: Vec<Vec<u8>> = redis::cmd("ZRANGE")
-                    .arg(keys::history(user_id))
-                    .arg(-1)
-                    .arg(-1)
-                    .query_async(&mut conn)
-                    .await?;
-                newest
-                    .first()
-                    .map(|member| decode("history record", member))
-                    .transpose()
+                newest_record(&mut conn, user_id).await
             })
             .await
     }
+
+    async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()> {
+        self.redis
+            .per_user(choices, |mut conn, choice| async move {
+                CHOICE_SAVE
+                    .key(keys::choice(&choice.user_id))
+                    .arg(choice.at_us)
+                    .arg(encode("choice", choice)?)
+                    .invoke_async::<i64>(&mut conn)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
+        self.redis
+            .per_user(user_ids, |mut conn, user_id| async move {
+                let last = newest_record(&mut conn, user_id).await?;
+                let choice: Option<Vec<u8>> = redis::cmd("HGET")
+                    .arg(keys::choice(user_id))
+                    .arg("d")
+                    .query_async(&mut conn)
+                    .await?;
+                let choice = choice.map(|choice| decode("choice", &choice)).transpose()?;
+                Ok(DurableState { last, choice })
+            })
+            .await
+    }
+}
+
+async fn newest_record(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    user_id: &str,
+) -> Result<Option<HistoryRecord>, Error> {
+    let newest: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+        .arg(keys::history(user_id))
+        .arg(-1)
+        .arg(-1)
+        .query_async(conn)
+        .await?;
+    newest
+        .first()
+        .map(|member| decode("history record", member))
+        .transpose()
 }

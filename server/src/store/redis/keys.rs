@@ -5,6 +5,7 @@
 //! | `presence:{u:<user>}` | hash `r`, `d` | the user's | revision and serialized [`UserRecord`](crate::domain::UserRecord) |
 //! | `presence:{u:<user>}:contacts` | set | the user's | the user's contacts |
 //! | `presence:{u:<user>}:history` | sorted set | the user's | history records, scored by version |
+//! | `presence:{u:<user>}:choice` | hash `at`, `d` | the user's | the user's latest durable choice: its stamp and the serialized [`ChoiceRecord`](crate::store::ChoiceRecord) |
 //! | `presence:{t<n>}:node:<node>` | set | the user's (see below) | users of that slot with a session on `<node>` |
 //! | `presence:{nodes}:registry` | hash | `{nodes}` | every node that registered, and when |
 //! | `presence:{nodes}:lease:<node>` | string, TTL | `{nodes}` | the node's lease |
@@ -49,12 +50,18 @@ pub fn history(user_id: &str) -> String {
     format!("{PREFIX}{{u:{user_id}}}:history")
 }
 
-/// The slot every key of `user_id` lives in.
+/// The hash of the user's latest durable choice (when Redis is the history
+/// store): fields `at` (its stamp) and `d` (the choice).
+pub fn choice(user_id: &str) -> String {
+    format!("{PREFIX}{{u:{user_id}}}:choice")
+}
+
 /// A user's cached contact list (the durable list is in ScyllaDB).
 pub fn contacts_cache(user_id: &str) -> String {
     format!("{}:contacts-cache", user(user_id))
 }
 
+/// The slot every key of `user_id` lives in.
 pub fn user_slot(user_id: &str) -> u16 {
     slot_of(user(user_id).as_bytes())
 }
@@ -177,6 +184,7 @@ mod tests {
             let slot = user_slot(user);
             assert_eq!(slot_of(contacts(user).as_bytes()), slot);
             assert_eq!(slot_of(history(user).as_bytes()), slot);
+            assert_eq!(slot_of(choice(user).as_bytes()), slot);
             assert_eq!(slot_of(node_index(slot, "node-1").as_bytes()), slot);
         }
     }

@@ -20,3 +20,4 @@ script!(FORGET_NODE, "forget_node.lua");
 script!(CONTACTS_ADD, "contacts_add.lua");
 script!(CONTACTS_LINK, "contacts_link.lua");
 script!(HISTORY_APPEND, "history_append.lua");
+script!(CHOICE_SAVE, "choice_save.lua");

@@ -12,8 +12,8 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::{Queries, unavailable};
-use crate::domain::{HistoryRecord, OfflineReason, VisibleStatus};
-use crate::store::{HistoryStore, StoreError, StoreResult};
+use crate::domain::{ChosenStatus, HistoryRecord, OfflineReason, VisibleStatus};
+use crate::store::{ChoiceRecord, DurableState, HistoryStore, StoreError, StoreResult};
 
 /// Writes in flight at once during one `append`. The driver pipelines them on
 /// its connections; the bound keeps one large append from queueing thousands
@@ -36,6 +36,7 @@ pub struct ScyllaHistoryStore {
     upsert_current: PreparedStatement,
     page: PreparedStatement,
     current: PreparedStatement,
+    save_choice: PreparedStatement,
 }
 
 impl ScyllaHistoryStore {
@@ -48,6 +49,7 @@ impl ScyllaHistoryStore {
             upsert_current: queries.prepare("upsert_current").await?,
             page: queries.prepare("page").await?,
             current: queries.prepare("current").await?,
+            save_choice: queries.prepare("save_choice").await?,
             session,
         })
     }
@@ -90,13 +92,34 @@ impl ScyllaHistoryStore {
         Ok(())
     }
 
-    async fn current(&self, user_id: &str) -> StoreResult<Option<HistoryRecord>> {
+    /// Writes the choice alone, with its stamp as the write timestamp: the
+    /// newest choice wins, and the visible state is left as it is.
+    async fn save_choice(&self, choice: &ChoiceRecord) -> StoreResult<()> {
+        let at = to_bigint(choice.at_us);
+        let values = (
+            &choice.user_id,
+            chosen_name(choice.chosen),
+            &choice.custom_message,
+            at,
+            at,
+        );
+        self.session
+            .execute_unpaged(&self.save_choice, values)
+            .await
+            .map_err(unavailable("choice save"))?;
+        Ok(())
+    }
+
+    async fn current(&self, user_id: &str) -> StoreResult<DurableState> {
         type Row = (
             Option<String>,
             Option<String>,
             Option<i64>,
             Option<i64>,
             Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
         );
         let row = self
             .session
@@ -107,17 +130,32 @@ impl ScyllaHistoryStore {
             .map_err(unavailable("current presence read"))?
             .maybe_first_row::<Row>()
             .map_err(unavailable("current presence read"))?;
-        let Some((status, custom_message, last_seen, version, reason)) = row else {
-            return Ok(None);
+        let Some((status, custom_message, last_seen, version, reason, chosen, message, at)) = row
+        else {
+            return Ok(DurableState::default());
         };
-        Ok(Some(HistoryRecord {
-            user_id: user_id.to_owned(),
-            at_ms: last_seen.unwrap_or(0),
-            status: parse_status(status.as_deref().unwrap_or_default())?,
-            custom_message: custom_message.unwrap_or_default(),
-            offline_reason: reason.as_deref().map(parse_reason).transpose()?,
-            version: from_bigint(version.unwrap_or(0)),
-        }))
+        // A row with only a choice: the user was never visible.
+        let last = match (status, version) {
+            (Some(status), Some(version)) => Some(HistoryRecord {
+                user_id: user_id.to_owned(),
+                at_ms: last_seen.unwrap_or(0),
+                status: parse_status(&status)?,
+                custom_message: custom_message.unwrap_or_default(),
+                offline_reason: reason.as_deref().map(parse_reason).transpose()?,
+                version: from_bigint(version),
+            }),
+            _ => None,
+        };
+        let choice = match (chosen, at) {
+            (Some(chosen), Some(at)) => Some(ChoiceRecord {
+                user_id: user_id.to_owned(),
+                chosen: parse_chosen(&chosen)?,
+                custom_message: message.unwrap_or_default(),
+                at_us: from_bigint(at),
+            }),
+            _ => None,
+        };
+        Ok(DurableState { last, choice })
     }
 }
 
@@ -196,12 +234,29 @@ impl HistoryStore for ScyllaHistoryStore {
         Ok(records)
     }
 
+    /// The visible part of [`HistoryStore::durable`].
+    async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
+        let states = self.durable(user_ids).await?;
+        Ok(states.into_iter().map(|state| state.last).collect())
+    }
+
+    async fn save_choices(&self, choices: &[ChoiceRecord]) -> StoreResult<()> {
+        let writes: Vec<BoxFuture<'_, StoreResult<()>>> = choices
+            .iter()
+            .map(|choice| self.save_choice(choice).boxed())
+            .collect();
+        stream::iter(writes)
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .try_collect::<()>()
+            .await
+    }
+
     /// Reads `presence_current`, which has no TTL: the answer outlives the
     /// history's retention.
-    async fn last(&self, user_ids: &[String]) -> StoreResult<Vec<Option<HistoryRecord>>> {
+    async fn durable(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
         // One single-partition read per user, concurrently, in order: a
         // multi-partition `IN` would make one coordinator gather them all.
-        let reads: Vec<BoxFuture<'_, StoreResult<Option<HistoryRecord>>>> = user_ids
+        let reads: Vec<BoxFuture<'_, StoreResult<DurableState>>> = user_ids
             .iter()
             .map(|user_id| self.current(user_id).boxed())
             .collect();
@@ -243,6 +298,27 @@ fn parse_status(name: &str) -> StoreResult<VisibleStatus> {
         other => {
             return Err(StoreError::Unavailable(format!(
                 "scylla: unknown status {other:?} in a stored row"
+            )));
+        }
+    })
+}
+
+fn chosen_name(chosen: ChosenStatus) -> &'static str {
+    match chosen {
+        ChosenStatus::Online => "online",
+        ChosenStatus::Busy => "busy",
+        ChosenStatus::Invisible => "invisible",
+    }
+}
+
+fn parse_chosen(name: &str) -> StoreResult<ChosenStatus> {
+    Ok(match name {
+        "online" => ChosenStatus::Online,
+        "busy" => ChosenStatus::Busy,
+        "invisible" => ChosenStatus::Invisible,
+        other => {
+            return Err(StoreError::Unavailable(format!(
+                "scylla: unknown chosen status {other:?} in a stored row"
             )));
         }
     })
@@ -297,6 +373,14 @@ mod tests {
             assert_eq!(parse_reason(reason_name(reason)).unwrap(), reason);
         }
         assert!(parse_status("away").is_err());
+        for chosen in [
+            ChosenStatus::Online,
+            ChosenStatus::Busy,
+            ChosenStatus::Invisible,
+        ] {
+            assert_eq!(parse_chosen(chosen_name(chosen)).unwrap(), chosen);
+        }
+        assert!(parse_chosen("away").is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ use super::{ContactStore, HistoryStore, StoreError};
 
 const SCHEMA: &str = include_str!("schema.cql");
 const RETENTION: &str = include_str!("retention.cql");
+const CHOICE_COLUMNS: &str = include_str!("choice_columns.cql");
 
 /// The default keyspace.
 pub const DEFAULT_KEYSPACE: &str = "presence";
@@ -247,6 +248,7 @@ fn named_statements(cql: &str) -> HashMap<String, String> {
 async fn apply_schema(session: &Session, config: &ScyllaConfig) -> anyhow::Result<()> {
     let values = Placeholders::of(config)?;
     run_statements(session, SCHEMA, &values).await?;
+    add_choice_columns(session, config, &values).await?;
 
     // CREATE ... IF NOT EXISTS keeps an existing table as it is: bring its TTL
     // to the configured retention when that changed.
@@ -271,6 +273,63 @@ async fn apply_schema(session: &Session, config: &ScyllaConfig) -> anyhow::Resul
         run_statements(session, RETENTION, &values).await?;
     }
     Ok(())
+}
+
+/// Gives a `presence_current` table created before the choice columns
+/// existed the ones it lacks. Idempotent; a column another node added in the
+/// meantime is taken as added.
+async fn add_choice_columns(
+    session: &Session,
+    config: &ScyllaConfig,
+    values: &Placeholders,
+) -> anyhow::Result<()> {
+    let missing = missing_choice_columns(session, config).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        keyspace = config.keyspace,
+        columns = ?missing,
+        "adding the choice columns to presence_current"
+    );
+    let statements = named_statements(CHOICE_COLUMNS);
+    for column in &missing {
+        let statement = values.fill(&statements[column]);
+        if let Err(error) = session.query_unpaged(statement.as_str(), ()).await
+            && missing_choice_columns(session, config)
+                .await?
+                .contains(column)
+        {
+            return Err(error).with_context(|| format!("applying schema statement: {statement}"));
+        }
+    }
+    Ok(())
+}
+
+/// The columns of `choice_columns.cql` that `presence_current` lacks.
+async fn missing_choice_columns(
+    session: &Session,
+    config: &ScyllaConfig,
+) -> anyhow::Result<Vec<String>> {
+    let result = session
+        .query_unpaged(
+            "SELECT column_name FROM system_schema.columns \
+             WHERE keyspace_name = ? AND table_name = 'presence_current'",
+            (config.keyspace.as_str(),),
+        )
+        .await
+        .context("reading presence_current's columns")?
+        .into_rows_result()?;
+    let mut present = Vec::new();
+    for row in result.rows::<(String,)>()? {
+        present.push(row?.0);
+    }
+    let mut missing: Vec<String> = named_statements(CHOICE_COLUMNS)
+        .into_keys()
+        .filter(|column| !present.contains(column))
+        .collect();
+    missing.sort();
+    Ok(missing)
 }
 
 /// Runs the statements of a schema file in order, placeholders filled in.
@@ -350,8 +409,21 @@ mod tests {
         let history = named_statements(include_str!("history.cql"));
         let mut names: Vec<_> = history.keys().map(String::as_str).collect();
         names.sort();
-        assert_eq!(names, ["current", "insert", "page", "upsert_current"]);
+        assert_eq!(
+            names,
+            ["current", "insert", "page", "save_choice", "upsert_current"]
+        );
         assert!(history["upsert_current"].ends_with("USING TIMESTAMP ?"));
+        assert!(history["save_choice"].ends_with("USING TIMESTAMP ?"));
+        let columns = named_statements(CHOICE_COLUMNS);
+        assert_eq!(columns.len(), 3);
+        for (column, statement) in &columns {
+            assert!(
+                statements(SCHEMA)[3].contains(&format!("{column} ")),
+                "{column}"
+            );
+            assert!(statement.starts_with("ALTER TABLE {keyspace}.presence_current ADD"));
+        }
         let contacts = named_statements(include_str!("contacts.cql"));
         assert_eq!(contacts.len(), 5);
         assert!(
