@@ -650,3 +650,286 @@ async fn users_redis_lost_come_back_from_scylla_as_they_left() {
     let seen = get_presence(&server, &alice, &bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
 }
+
+// ------------------------------------------- the choice is durable (issue 8/6)
+
+/// Reads `watch` for `within` and fails if it shows `user_id` with `status`.
+async fn never_shows(
+    watch: &mut Watch,
+    user_id: &str,
+    status: pb::VisibleStatus,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let Ok(message) = tokio::time::timeout(left, watch.stream.message()).await else {
+            return;
+        };
+        match message {
+            Ok(Some(pb::PresenceEvent {
+                event: Some(presence_event::Event::Presence(p)),
+            })) => assert!(
+                !(p.user_id == user_id && p.status() == status),
+                "the watch showed {user_id} {status:?}: {p:?}"
+            ),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the server ended the watch"),
+            Err(error) => panic!("the watch failed: {error}"),
+        }
+    }
+}
+
+/// The statuses of `user_id`'s history as the owner reads it.
+async fn history_statuses(server: &TestServer, user_id: &str) -> Vec<pb::VisibleStatus> {
+    let request = authed(
+        pb::GetHistoryRequest {
+            user_id: user_id.to_owned(),
+            page_size: 1000,
+            ..Default::default()
+        },
+        &token(user_id),
+    );
+    let entries = server
+        .presence()
+        .await
+        .get_history(request)
+        .await
+        .unwrap_or_else(|status| panic!("GetHistory failed: {status}"))
+        .into_inner()
+        .entries;
+    entries.iter().map(|entry| entry.status()).collect()
+}
+
+/// Waits until Redis holds `user_id`'s record with a session of `device`
+/// (the node re-asserted it after Redis came back empty).
+async fn reasserted(services: &Services, user_id: &str, device: &str) -> UserRecord {
+    eventually(CONVERGED_WITHIN, "the session back in redis", || {
+        let record = services.hot_record(user_id);
+        async move { record.is_some_and(|r| r.sessions.iter().any(|s| s.device_id == device)) }
+    })
+    .await;
+    services.hot_record(user_id).expect("the record in redis")
+}
+
+/// 6a: a user who went invisible while no device of theirs was connected
+/// (so contacts never saw anything change, and ScyllaDB held no visible
+/// record of them) opens a device on a node while Redis is down. The node's
+/// degraded rebuild must use the durable choice, not the default: the user
+/// is never shown online, nor written to the history as online. The same for
+/// a user seen before, who went invisible while offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redis_outage() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let server = services.start_server().await;
+    let (alice, bob, dan) = (user("alice"), user("bob"), user("dan"));
+    befriend(&server, &alice, &[&bob, &dan]).await;
+    // Dan was seen once, and left.
+    let dan_device = client(&server, &dan, "dan-phone").await;
+    dan_device
+        .start_session(SessionOptions::default())
+        .await
+        .expect("session opens");
+    dan_device.end_session().await.expect("logout");
+    // Both choose invisible with no device connected.
+    for who in [&bob, &dan] {
+        let shown = set_status(&server, who, pb::UserStatus::Invisible, "").await;
+        assert_eq!(shown.status(), pb::VisibleStatus::Offline);
+    }
+    // The choice went through the node's history buffer; let it reach ScyllaDB.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut watch = Watch::open(&server, &alice).await;
+
+    let outage = Outage::begin(&services, Service::Redis);
+    let mut devices = Vec::new();
+    for who in [&bob, &dan] {
+        let device = client(&server, who, "laptop").await;
+        device
+            .start_session(SessionOptions::default())
+            .await
+            .expect("a session opens while redis is down");
+        devices.push(device);
+    }
+    never_shows(
+        &mut watch,
+        &bob,
+        pb::VisibleStatus::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    never_shows(
+        &mut watch,
+        &dan,
+        pb::VisibleStatus::Online,
+        Duration::from_millis(200),
+    )
+    .await;
+    for who in [&bob, &dan] {
+        let seen = get_presence(&server, &alice, who).await;
+        assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+        let own = get_presence(&server, who, who).await;
+        assert_eq!(own.chosen_status(), pb::UserStatus::Invisible, "{own:?}");
+    }
+    // Nothing online was written to the history (read while ScyllaDB is up).
+    for who in [&bob, &dan] {
+        let statuses = history_statuses(&server, who).await;
+        assert_eq!(
+            statuses
+                .iter()
+                .filter(|s| **s != pb::VisibleStatus::Offline)
+                .count(),
+            usize::from(*who == dan),
+            "{who}: {statuses:?}"
+        );
+    }
+
+    // Redis comes back empty: the replay keeps both invisible.
+    outage.end();
+    for who in [&bob, &dan] {
+        let record = reasserted(&services, who, "laptop").await;
+        assert_eq!(
+            record.chosen,
+            presence_server::domain::ChosenStatus::Invisible,
+            "{record:?}"
+        );
+        assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+    }
+    never_shows(
+        &mut watch,
+        &bob,
+        pb::VisibleStatus::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    for who in [&bob, &dan] {
+        let seen = get_presence(&server, &alice, who).await;
+        assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    }
+    server.stop().await;
+}
+
+/// 6b: a user invisible from their very first session was never visible, so
+/// ScyllaDB held no shown state of them. When Redis restarts empty, the node
+/// re-asserts their live session on the durable choice: they stay hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_from_the_first_session_stays_hidden_after_redis_restarts_empty() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let server = services.start_server().await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    befriend(&server, &alice, &[&bob]).await;
+    let mut watch = Watch::open(&server, &alice).await;
+    let device = client(&server, &bob, "bob-phone").await;
+    device
+        .start_session(SessionOptions {
+            status: pb::UserStatus::Invisible,
+            ..SessionOptions::default()
+        })
+        .await
+        .expect("session opens");
+    let interruptions = Interruptions::watch(&device);
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    Outage::begin(&services, Service::Redis).end();
+    let record = reasserted(&services, &bob, "bob-phone").await;
+    assert_eq!(
+        record.chosen,
+        presence_server::domain::ChosenStatus::Invisible,
+        "{record:?}"
+    );
+    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+    never_shows(
+        &mut watch,
+        &bob,
+        pb::VisibleStatus::Online,
+        Duration::from_secs(2),
+    )
+    .await;
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    assert!(
+        history_statuses(&server, &bob).await.is_empty(),
+        "bob was never visible"
+    );
+    interruptions.assert_none("bob's heartbeat stream");
+    server.stop().await;
+}
+
+/// 6c: a user who went invisible after being visible, with a device still
+/// connected, when Redis restarts empty: the node restores their durable
+/// state (version, last seen, reason) under the re-asserted session, so
+/// what contacts see never goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_after_visible_keeps_its_version_after_redis_restarts_empty() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let BobOnline {
+        server,
+        alice,
+        bob,
+        mut watch,
+        device: _bob_device,
+        interruptions,
+        online,
+    } = BobOnline::start(&services, "bob-tablet").await;
+    let hidden = set_status(&server, &bob, pb::UserStatus::Invisible, "").await;
+    assert_eq!(hidden.status(), pb::VisibleStatus::Offline);
+    assert!(hidden.version > online.version);
+    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Offline).await;
+    assert_eq!(delivered.version, hidden.version);
+    let durable = services.durable_history().await;
+    eventually(FLUSHED_WITHIN, "bob's invisible change stored", || {
+        let (durable, bob) = (durable.clone(), bob.clone());
+        async move {
+            durable
+                .last(&[bob])
+                .await
+                .ok()
+                .and_then(|mut l| l.pop().flatten())
+                .is_some_and(|last| last.version == hidden.version)
+        }
+    })
+    .await;
+
+    Outage::begin(&services, Service::Redis).end();
+    let record = reasserted(&services, &bob, "bob-tablet").await;
+    assert_eq!(
+        record.chosen,
+        presence_server::domain::ChosenStatus::Invisible,
+        "{record:?}"
+    );
+    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+    assert!(record.shown.version >= hidden.version, "{record:?}");
+    assert_eq!(
+        record.shown.last_seen_ms, hidden.last_seen_unix_ms,
+        "{record:?}"
+    );
+    assert_eq!(
+        record.shown.offline_reason,
+        Some(presence_server::domain::OfflineReason::Invisible),
+        "{record:?}"
+    );
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    assert!(seen.version >= hidden.version, "{seen:?}");
+    assert_eq!(seen.last_seen_unix_ms, hidden.last_seen_unix_ms, "{seen:?}");
+    assert_eq!(seen.offline_reason(), pb::OfflineReason::Logout, "{seen:?}");
+    never_shows(
+        &mut watch,
+        &bob,
+        pb::VisibleStatus::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    interruptions.assert_none("bob's heartbeat stream");
+    server.stop().await;
+}

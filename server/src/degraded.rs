@@ -1,12 +1,17 @@
 //! What a node does while the hot store (Redis Cluster) cannot be reached.
 //!
-//! **Reads** come from the durable store's latest record per user
-//! ([`HistoryStore::last`](crate::store::HistoryStore::last)), turned into a
-//! record with no devices by [`durable_record`] (see `Node::presence_records`).
+//! **Reads** come from the durable store's state per user
+//! ([`HistoryStore::durable`](crate::store::HistoryStore::durable): the latest
+//! shown state and the user's choice), turned into a record with no devices
+//! by [`durable_record`] (see `Node::presence_records`).
 //!
 //! **Changes** are still taken. At a user's first change of the outage the node
 //! rebuilds the user's record from what it knows ([`rebuild`]): the durable
-//! latest shown state, and this node's own sessions of that user. From then on
+//! latest shown state and choice, and this node's own sessions of that user.
+//! The choice is never guessed: every accepted change of it is saved in the
+//! durable store (also one contacts cannot see, like going invisible while
+//! offline), and a user the durable store cannot answer for is refused
+//! (`UNAVAILABLE`). From then on
 //! every change of the user is applied to that record by the same
 //! [`domain::apply`] the hot stores run. A change contacts see is recorded in
 //! the history (through the buffered durable store) and delivered to this
@@ -45,7 +50,7 @@ use crate::domain::{
     Platform, Session, Shown, UserRecord, VisibleStatus,
 };
 use crate::leases::SessionKey;
-use crate::store::{StoreError, StoreResult};
+use crate::store::{DurableState, StoreError, StoreResult};
 
 /// Most changes queued for the hot store, over all users. At 100 changes/s
 /// this rides out a 15-minute outage (as the history buffer does); a change
@@ -97,9 +102,11 @@ struct State {
 struct Held {
     /// The record as this node knows it (may hold the stand-in session).
     record: UserRecord,
-    /// The user's choice when the record was rebuilt: written first during
-    /// the replay if the hot store lost the user meanwhile (restarted empty).
-    base_choice: (ChosenStatus, String),
+    /// The user as the durable store knew them when the record was rebuilt
+    /// (no sessions, see [`durable_record`]): seeded into the hot store before
+    /// the replay if it lost the user meanwhile (restarted empty), so the
+    /// replay builds on the user's choice and version.
+    base: Option<UserRecord>,
     /// Changes not in the hot store yet, oldest first.
     queue: VecDeque<Mutation>,
     /// What contacts last saw of the user through this node: the shown
@@ -216,7 +223,7 @@ impl Degraded {
     /// the copy), unless a concurrent change of the same user did first: its
     /// record holds those sessions already, and maybe a newer change. One
     /// step under the lock, so two first changes cannot split the sessions.
-    pub fn hold(&self, user_id: &str, last: Option<HistoryRecord>, ending_own: bool) {
+    pub fn hold(&self, user_id: &str, durable: DurableState, ending_own: bool) {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         if state.users.contains_key(user_id) {
@@ -227,11 +234,12 @@ impl Degraded {
             .as_mut()
             .and_then(|sessions| sessions.remove(user_id))
             .unwrap_or_default();
-        let record = rebuild(last, sessions, ending_own);
+        let base = durable_record(durable.clone(), true);
+        let record = rebuild(durable, sessions, ending_own);
         state.users.insert(
             user_id.to_owned(),
             Held {
-                base_choice: (record.chosen, record.custom_message.clone()),
+                base,
                 recorded: record.shown.clone(),
                 record,
                 queue: VecDeque::new(),
@@ -294,13 +302,12 @@ impl Degraded {
         self.state.lock().users.keys().cloned().collect()
     }
 
-    /// The choice `user_id` had made when its record was rebuilt.
-    pub fn base_choice(&self, user_id: &str) -> Option<(ChosenStatus, String)> {
+    /// What the durable store knew of `user_id` when its record was
+    /// rebuilt, as a record to seed a hot store that lost the user; `None`
+    /// if it knew nothing (the user starts from the defaults).
+    pub fn base(&self, user_id: &str) -> Option<UserRecord> {
         let state = self.state.lock();
-        state
-            .users
-            .get(user_id)
-            .map(|held| held.base_choice.clone())
+        state.users.get(user_id).and_then(|held| held.base.clone())
     }
 
     /// The changes of `user_id` not in the hot store yet, oldest first.
@@ -346,16 +353,39 @@ pub fn ends_session(mutation: &Mutation) -> bool {
     matches!(mutation, Mutation::End { .. } | Mutation::EndNode { .. })
 }
 
+/// Whether the change carries a choice (status and custom message): one a
+/// node saves in the durable store once accepted.
+pub fn chooses(mutation: &Mutation) -> bool {
+    match mutation {
+        Mutation::SetStatus { .. } => true,
+        Mutation::Open { status, .. } | Mutation::Update { status, .. } => status.is_some(),
+        Mutation::Replay(changes) => changes.iter().any(chooses),
+        Mutation::Touch { .. } | Mutation::End { .. } | Mutation::EndNode { .. } => false,
+    }
+}
+
 fn without_stand_in(record: &UserRecord) -> UserRecord {
     let mut record = record.clone();
     record.sessions.retain(|s| s.device_id != STAND_IN_DEVICE);
     record
 }
 
+/// What a user chose, from the durable store: the saved choice; for a user
+/// without one, what their visible state tells (a choice made before
+/// choices were saved); for a user never seen either, the default, which is
+/// then no guess: every choice since is saved.
+pub fn choice_of(durable: &DurableState) -> (ChosenStatus, String) {
+    match (&durable.choice, &durable.last) {
+        (Some(choice), _) => (choice.chosen, choice.custom_message.clone()),
+        (None, Some(last)) => infer_choice(last),
+        (None, None) => (ChosenStatus::Online, String::new()),
+    }
+}
+
 /// What a user had chosen, as far as their visible state tells: busy shows,
 /// invisible shows as the offline reason, the custom message shows unless
 /// the user is offline. Online (the default) otherwise.
-pub fn infer_choice(last: &HistoryRecord) -> (ChosenStatus, String) {
+fn infer_choice(last: &HistoryRecord) -> (ChosenStatus, String) {
     match (last.status, last.offline_reason) {
         (VisibleStatus::Busy, _) => (ChosenStatus::Busy, last.custom_message.clone()),
         (VisibleStatus::Offline, Some(OfflineReason::Invisible)) => {
@@ -380,17 +410,26 @@ fn shown_of(last: &HistoryRecord) -> Shown {
     }
 }
 
-/// A user's record for reads, from the durable store's latest record: no
-/// devices, the choice inferred.
+/// A user's record from the durable store: no devices, the durable shown
+/// state (status, last seen, version, reason) and choice. `None` if the store
+/// knows nothing of the user.
 ///
 /// `no_live_session` says the hot store answered and does not know the user:
 /// it holds every live session, so a user it does not know has none, whatever
 /// the durable store last saw (the node that held them was lost while the
 /// hot store was away, and the hot store restarted empty). Such a user reads
 /// as offline, "node lost", one version above the durable record, rather than
-/// as a ghost.
-pub fn durable_record(last: HistoryRecord, no_live_session: bool) -> UserRecord {
-    let (chosen, custom_message) = infer_choice(&last);
+/// as a ghost. The same record seeds a hot store that lost the user.
+pub fn durable_record(durable: DurableState, no_live_session: bool) -> Option<UserRecord> {
+    let (chosen, custom_message) = choice_of(&durable);
+    let Some(last) = durable.last else {
+        // Never visible: only the choice to carry over.
+        return durable.choice.is_some().then(|| UserRecord {
+            chosen,
+            custom_message,
+            ..UserRecord::default()
+        });
+    };
     let mut shown = shown_of(&last);
     if no_live_session && shown.status != VisibleStatus::Offline {
         shown = Shown {
@@ -401,33 +440,31 @@ pub fn durable_record(last: HistoryRecord, no_live_session: bool) -> UserRecord 
             offline_reason: Some(OfflineReason::NodeLost),
         };
     }
-    UserRecord {
+    Some(UserRecord {
         sessions: Vec::new(),
         chosen,
         custom_message,
         shown,
-    }
+    })
 }
 
 /// Rebuilds a user's record at the first change of an outage: the durable
-/// latest shown state, this node's own sessions of the user, and, if the
-/// user is visible without any session here, the stand-in session for their
-/// sessions elsewhere. `ending_own` says the change is the end of a session
-/// of this node, whose lease is already gone (sweep and logout drop it
-/// first): the user did have a session here, so no stand-in.
-pub fn rebuild(
-    last: Option<HistoryRecord>,
-    sessions: Vec<Session>,
-    ending_own: bool,
-) -> UserRecord {
-    let Some(last) = last else {
-        // Never seen visible: nothing to carry over but the sessions.
+/// latest shown state and choice, this node's own sessions of the user, and,
+/// if the user is visible without any session here, the stand-in session for
+/// their sessions elsewhere. `ending_own` says the change is the end of a
+/// session of this node, whose lease is already gone (sweep and logout drop
+/// it first): the user did have a session here, so no stand-in.
+pub fn rebuild(durable: DurableState, sessions: Vec<Session>, ending_own: bool) -> UserRecord {
+    let (chosen, custom_message) = choice_of(&durable);
+    let Some(last) = durable.last else {
+        // Never seen visible: the choice and the sessions.
         return UserRecord {
             sessions,
+            chosen,
+            custom_message,
             ..UserRecord::default()
         };
     };
-    let (chosen, custom_message) = infer_choice(&last);
     let mut record = UserRecord {
         sessions,
         chosen,
@@ -470,6 +507,23 @@ mod tests {
         }
     }
 
+    /// The durable state of a user seen last as `last`, with no saved choice.
+    fn seen(last: HistoryRecord) -> DurableState {
+        DurableState {
+            last: Some(last),
+            choice: None,
+        }
+    }
+
+    fn chose(chosen: ChosenStatus, message: &str) -> crate::store::ChoiceRecord {
+        crate::store::ChoiceRecord {
+            user_id: "bob".into(),
+            chosen,
+            custom_message: message.into(),
+            at_us: 900_000,
+        }
+    }
+
     fn key(user: &str, device: &str) -> SessionKey {
         SessionKey {
             user_id: user.into(),
@@ -504,9 +558,42 @@ mod tests {
     }
 
     #[test]
+    fn the_saved_choice_wins_over_what_contacts_saw_and_over_the_default() {
+        // Went invisible while offline: contacts saw nothing change.
+        let gone = last(VisibleStatus::Offline, Some(OfflineReason::Logout), "");
+        let hidden = DurableState {
+            last: Some(gone),
+            choice: Some(chose(ChosenStatus::Invisible, "")),
+        };
+        assert_eq!(choice_of(&hidden), (ChosenStatus::Invisible, String::new()));
+        // Invisible from the start: never seen at all.
+        let never_seen = DurableState {
+            last: None,
+            choice: Some(chose(ChosenStatus::Invisible, "")),
+        };
+        let mut record = rebuild(never_seen.clone(), vec![session("phone", 7)], false);
+        assert_eq!(record.chosen, ChosenStatus::Invisible);
+        let open = Mutation::Open {
+            session: session("laptop", 8),
+            status: None,
+        };
+        let applied = domain::apply(&mut record, open, 2_000, LIMITS).unwrap();
+        assert!(!applied.shown_changed, "an invisible user is never shown");
+        assert_eq!(record.shown.status, VisibleStatus::Offline);
+        let seeded = durable_record(never_seen, true).unwrap();
+        assert_eq!(seeded.chosen, ChosenStatus::Invisible);
+        assert_eq!(seeded.shown, Shown::default());
+        // A user the store knows nothing of chose nothing since choices are
+        // saved: the default is no guess, and there is nothing to seed.
+        assert_eq!(durable_record(DurableState::default(), true), None);
+        let fresh = rebuild(DurableState::default(), Vec::new(), false);
+        assert_eq!(fresh, UserRecord::default());
+    }
+
+    #[test]
     fn a_status_change_on_a_node_without_the_users_sessions_keeps_them_visible() {
         let mut record = rebuild(
-            Some(last(VisibleStatus::Online, None, "")),
+            seen(last(VisibleStatus::Online, None, "")),
             Vec::new(),
             false,
         );
@@ -523,7 +610,7 @@ mod tests {
     #[test]
     fn the_last_own_session_ending_takes_the_user_offline() {
         let mut record = rebuild(
-            Some(last(VisibleStatus::Online, None, "")),
+            seen(last(VisibleStatus::Online, None, "")),
             vec![session("phone", 7)],
             false,
         );
@@ -542,7 +629,7 @@ mod tests {
         // The sweeper dropped the lease before the change: no own session
         // is left to rebuild from, and no stand-in may keep the user online.
         let mut record = rebuild(
-            Some(last(VisibleStatus::Online, None, "")),
+            seen(last(VisibleStatus::Online, None, "")),
             Vec::new(),
             true,
         );
@@ -563,7 +650,7 @@ mod tests {
     #[test]
     fn an_invisible_user_stays_invisible_through_a_rebuild() {
         let hidden = last(VisibleStatus::Offline, Some(OfflineReason::Invisible), "");
-        let mut record = rebuild(Some(hidden), vec![session("phone", 7)], false);
+        let mut record = rebuild(seen(hidden), vec![session("phone", 7)], false);
         let idle = Mutation::Update {
             session: session("phone", 7),
             activity: Some(Activity::Idle),
@@ -579,10 +666,10 @@ mod tests {
     #[test]
     fn a_user_the_hot_store_does_not_know_reads_offline_not_as_a_ghost() {
         let online = last(VisibleStatus::Online, None, "hi");
-        let trusted = durable_record(online.clone(), false);
+        let trusted = durable_record(seen(online.clone()), false).unwrap();
         assert_eq!(trusted.shown.status, VisibleStatus::Online);
         assert!(trusted.sessions.is_empty());
-        let unknown = durable_record(online, true);
+        let unknown = durable_record(seen(online), true).unwrap();
         assert_eq!(unknown.shown.status, VisibleStatus::Offline);
         assert_eq!(unknown.shown.offline_reason, Some(OfflineReason::NodeLost));
         assert_eq!(unknown.shown.version, 1_000_001);
@@ -593,7 +680,7 @@ mod tests {
     fn changes_queue_in_order_and_repeats_collapse() {
         let degraded = Degraded::new(10);
         degraded.set_sessions(vec![(key("bob", "phone"), session("phone", 7))]);
-        degraded.hold("bob", None, false);
+        degraded.hold("bob", DurableState::default(), false);
         let beat = Mutation::Update {
             session: session("phone", 7),
             activity: Some(Activity::Active),
@@ -624,7 +711,7 @@ mod tests {
     fn a_full_queue_refuses_changes_but_never_the_end_of_a_session() {
         let degraded = Degraded::new(1);
         degraded.set_sessions(vec![(key("bob", "phone"), session("phone", 7))]);
-        degraded.hold("bob", None, false);
+        degraded.hold("bob", DurableState::default(), false);
         let busy = Mutation::SetStatus {
             chosen: ChosenStatus::Busy,
             custom_message: String::new(),
@@ -652,7 +739,7 @@ mod tests {
     fn records_handed_out_never_show_the_stand_in() {
         let degraded = Degraded::new(10);
         degraded.set_sessions(Vec::new());
-        degraded.hold("bob", Some(last(VisibleStatus::Online, None, "")), false);
+        degraded.hold("bob", seen(last(VisibleStatus::Online, None, "")), false);
         assert!(degraded.record("bob").unwrap().sessions.is_empty());
         let opened = Mutation::Open {
             session: session("phone", 7),

@@ -22,7 +22,9 @@ use crate::domain::{
 use crate::hub::Hub;
 use crate::leases::{Leases, SessionKey};
 use crate::metrics;
-use crate::store::{BusEvent, ContactStore, FanOut, HistoryStore, HotStore, StoreError};
+use crate::store::{
+    BusEvent, ChoiceRecord, ContactStore, FanOut, HistoryStore, HotStore, StoreError, choice_stamp,
+};
 
 /// The backends a node runs on.
 pub struct Backends {
@@ -190,6 +192,9 @@ impl Node {
             }
             Err(error) => return Err(error.into()),
         };
+        if applied.record_changed && degraded::chooses(&retry) {
+            self.save_choice(user_id, &record).await;
+        }
         if applied.shown_changed {
             metrics::change();
             self.publish_change(user_id, &record).await;
@@ -217,6 +222,22 @@ impl Node {
         }
     }
 
+    /// Saves the user's choice as `record` holds it in the durable store
+    /// (through the history buffer: a ScyllaDB outage loses nothing
+    /// acknowledged), so that no node ever has to guess it.
+    async fn save_choice(&self, user_id: &str, record: &UserRecord) {
+        let choice = ChoiceRecord {
+            user_id: user_id.to_owned(),
+            chosen: record.chosen,
+            custom_message: record.custom_message.clone(),
+            at_us: choice_stamp(now_ms(), record.shown.version),
+        };
+        if let Err(error) = self.backends.history.save_choices(&[choice]).await {
+            metrics::backend_error("history");
+            tracing::error!(%error, user_id, "saving the user's choice failed");
+        }
+    }
+
     /// A change while the hot store is unreachable (or while the user still
     /// has changes queued for it): applied to this node's record of the
     /// user, recorded in the history, delivered to this node's watchers
@@ -231,9 +252,13 @@ impl Node {
             self.start_holding(user_id, degraded::ends_session(&mutation))
                 .await?;
         }
+        let chooses = degraded::chooses(&mutation);
         let (record, applied) = self
             .degraded
             .apply(user_id, mutation, now_ms(), self.limits())?;
+        if applied.record_changed && chooses {
+            self.save_choice(user_id, &record).await;
+        }
         if applied.shown_changed {
             metrics::change();
             self.record_history(user_id, &record.shown).await;
@@ -250,18 +275,18 @@ impl Node {
     /// the user. Fails when the durable store cannot answer either: guessing
     /// the user's choice could show an invisible user online.
     async fn start_holding(&self, user_id: &str, ending_own: bool) -> Result<(), ApiError> {
-        let last = self
+        let durable = self
             .backends
             .history
-            .last(&[user_id.to_owned()])
+            .durable(&[user_id.to_owned()])
             .await
             .inspect_err(|_| metrics::backend_error("history"))?
             .pop()
-            .flatten();
+            .unwrap_or_default();
         if self.degraded.needs_sessions() {
             self.degraded.set_sessions(self.leases.sessions());
         }
-        self.degraded.hold(user_id, last, ending_own);
+        self.degraded.hold(user_id, durable, ending_own);
         Ok(())
     }
 
@@ -302,29 +327,27 @@ impl Node {
     /// what was recorded meanwhile (the hot store merges the sessions other
     /// nodes hold, which this node could not see).
     async fn replay_user(&self, user_id: &str) -> Result<(), String> {
-        // A hot store that restarted empty forgot what the user had chosen
-        // before the outage: that goes first, as the queue builds on it.
+        // A hot store that restarted empty forgot the user: what the durable
+        // store knew of them when their record was rebuilt (their choice,
+        // version, last seen) goes back first, as the queue builds on it.
         let forgotten = match self.backends.hot.get(&[user_id.to_owned()]).await {
             Ok(records) => records.first().is_none_or(Option::is_none),
             Err(StoreError::Unavailable(cause)) => return Err(cause),
             Err(_) => false,
         };
-        let mut restore = self
-            .degraded
-            .base_choice(user_id)
-            .filter(|choice| {
-                forgotten && (choice.0, choice.1.as_str()) != (ChosenStatus::Online, "")
-            })
-            .map(|(chosen, custom_message)| Mutation::SetStatus {
-                chosen,
-                custom_message,
-            });
+        if forgotten && let Some(base) = self.degraded.base(user_id) {
+            // Writes nothing if another node put the user back meanwhile.
+            self.backends
+                .hot
+                .seed(user_id, &base)
+                .await
+                .map_err(|error| format!("restoring a forgotten user: {error}"))?;
+        }
         let mut converged = None;
         let mut moved = false;
         let recorded = loop {
-            let queued = self.degraded.queued_changes(user_id);
-            let count = queued.len();
-            let changes: Vec<Mutation> = restore.take().into_iter().chain(queued).collect();
+            let changes = self.degraded.queued_changes(user_id);
+            let count = changes.len();
             if !changes.is_empty() {
                 match self
                     .backends
@@ -372,12 +395,17 @@ impl Node {
     }
 
     /// Before re-asserting this node's sessions into a hot store that lost
-    /// them: puts back what their users had chosen (busy, invisible, a
-    /// message), as the durable store last showed it, for users the hot store
-    /// does not know any more. Without it they would come back online with
-    /// the default choice. Users held by the degraded mode get theirs in the
-    /// replay.
-    async fn restore_forgotten_choices(&self) {
+    /// them: puts back what the durable store knows of their users (their
+    /// choice, and what contacts last saw: status, last seen, version,
+    /// reason) for users the hot store does not know any more. Without it
+    /// they would come back with the default choice (an invisible user
+    /// online) and from version 0. Users held by the degraded mode get
+    /// theirs in the replay.
+    ///
+    /// Returns false if it could not read or write them all: the sessions
+    /// must then not be re-asserted yet (that would guess the choices), and
+    /// the whole catch-up is tried again at the next round.
+    async fn restore_forgotten_choices(&self) -> bool {
         let mut users: Vec<String> = self
             .leases
             .sessions()
@@ -397,34 +425,33 @@ impl Node {
                     .collect(),
                 Err(error) => {
                     tracing::warn!(%error, "reading users to restore their choice failed");
-                    return;
+                    return false;
                 }
             };
             if forgotten.is_empty() {
                 continue;
             }
-            let lasts = match self.backends.history.last(&forgotten).await {
-                Ok(lasts) => lasts,
+            let states = match self.backends.history.durable(&forgotten).await {
+                Ok(states) => states,
                 Err(error) => {
-                    tracing::warn!(%error, "reading the durable choice of forgotten users failed");
-                    return;
+                    metrics::backend_error("history");
+                    tracing::warn!(%error, "reading the durable state of forgotten users failed, not re-asserting their sessions yet");
+                    return false;
                 }
             };
-            for (user_id, last) in forgotten.iter().zip(lasts) {
-                let Some(last) = last else { continue };
-                let (chosen, custom_message) = degraded::infer_choice(&last);
-                if (chosen, custom_message.as_str()) == (ChosenStatus::Online, "") {
+            for (user_id, state) in forgotten.iter().zip(states) {
+                // Nothing durable: the user never chose, the default holds.
+                let Some(record) = degraded::durable_record(state, true) else {
                     continue;
-                }
-                let mutation = Mutation::SetStatus {
-                    chosen,
-                    custom_message,
                 };
-                if let Err(error) = self.mutate(user_id, mutation).await {
-                    tracing::warn!(?error, user_id, "restoring a forgotten choice failed");
+                // Writes nothing where a change reached the hot store first.
+                if let Err(error) = self.backends.hot.seed(user_id, &record).await {
+                    tracing::warn!(%error, user_id, "restoring a forgotten user failed");
+                    return false;
                 }
             }
         }
+        true
     }
 
     fn new_session(&self, device_id: String, platform: Platform, activity: Activity) -> Session {
@@ -684,8 +711,8 @@ impl Node {
             return Ok(records);
         }
         let ids: Vec<String> = missing.iter().map(|i| user_ids[*i].clone()).collect();
-        let lasts = match self.backends.history.last(&ids).await {
-            Ok(lasts) => lasts,
+        let states = match self.backends.history.durable(&ids).await {
+            Ok(states) => states,
             // The hot store answered: users it does not know read as unknown.
             Err(error) if hot_answered => {
                 metrics::backend_error("history");
@@ -701,8 +728,8 @@ impl Node {
         // so a user the hot store does not know yet may well be online.
         let no_live_session =
             hot_answered && !self.degraded.durable_is_current(self.config.node_lease);
-        for (i, last) in missing.iter().zip(lasts) {
-            records[*i] = last.map(|last| degraded::durable_record(last, no_live_session));
+        for (i, state) in missing.iter().zip(states) {
+            records[*i] = degraded::durable_record(state, no_live_session);
         }
         // Cache-aside: the hot store gets the users it missed back, so the
         // next read does not ask the durable store again.
@@ -733,35 +760,43 @@ impl Node {
 
     /// Before a device opens a session of a user the hot store does not know
     /// (it restarted empty, or the user's record expired): puts back what the
-    /// durable store last knew of the user, so that the session builds on
-    /// the user's choice and an invisible user does not come back visible.
-    /// Best effort: if either store fails, the session opens as it would
-    /// without a durable store.
-    async fn restore_from_durable(&self, user_id: &str) {
+    /// durable store knows of the user (their choice, and what contacts last
+    /// saw), so that the session builds on the user's choice and version, and
+    /// an invisible user does not come back visible. Refuses (UNAVAILABLE)
+    /// when the durable store cannot say, rather than guess the choice: the
+    /// caller must not open the session then. A hot store that fails here is
+    /// left to the change that follows, which takes the degraded path.
+    async fn restore_from_durable(&self, user_id: &str) -> Result<(), ApiError> {
         if !self.durable_outlives_hot() || self.degraded.hot_down() {
-            return;
+            return Ok(());
         }
         let ids = [user_id.to_owned()];
         match self.backends.hot.get(&ids).await {
             Ok(records) if records.iter().all(Option::is_none) => {}
-            _ => return,
+            _ => return Ok(()),
         }
-        let last = match self.backends.history.last(&ids).await {
-            Ok(lasts) => lasts.into_iter().flatten().next(),
+        let state = match self.backends.history.durable(&ids).await {
+            Ok(states) => states.into_iter().next().unwrap_or_default(),
             Err(error) => {
+                metrics::backend_error("history");
                 tracing::warn!(%error, user_id, "reading what the hot store lost of a user failed");
-                return;
+                return Err(ApiError::Unavailable(
+                    "the user's status cannot be read right now, retry later".into(),
+                ));
             }
         };
-        if let Some(last) = last
-            && let Err(error) = self
-                .backends
-                .hot
-                .seed(user_id, &degraded::durable_record(last, true))
-                .await
-        {
+        let Some(record) = degraded::durable_record(state, true) else {
+            // Nothing durable: the user never chose, the default holds.
+            return Ok(());
+        };
+        if let Err(error) = self.backends.hot.seed(user_id, &record).await {
+            metrics::backend_error("hot");
             tracing::warn!(%error, user_id, "restoring a user the hot store lost failed");
+            return Err(ApiError::Unavailable(
+                "the user's status cannot be restored right now, retry later".into(),
+            ));
         }
+        Ok(())
     }
 
     /// The history of `user_id` as `caller` may see it.
@@ -961,7 +996,10 @@ impl Node {
             return;
         }
         if self.hot_lost_sessions.swap(false, Ordering::AcqRel) {
-            self.restore_forgotten_choices().await;
+            if !self.restore_forgotten_choices().await {
+                self.hot_lost_sessions.store(true, Ordering::Release);
+                return;
+            }
             self.reassert_sessions().await;
         }
         self.replay_degraded(self.config.node_lease / 3).await;
