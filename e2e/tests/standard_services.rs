@@ -157,9 +157,8 @@ async fn grpc_web_over_http1_reaches_the_same_api() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn browsers_may_call_from_any_origin() {
-    let server = TestServer::start().await;
+/// A browser's CORS preflight for a gRPC-web call from `origin`.
+async fn preflight(server: &TestServer, origin: &str) -> http::Response<hyper::body::Incoming> {
     let http1 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<String>();
     let preflight = http::Request::builder()
@@ -168,7 +167,7 @@ async fn browsers_may_call_from_any_origin() {
             "{}/presence.v1.PresenceService/Touch",
             server.url()
         ))
-        .header("origin", "https://app.example")
+        .header("origin", origin)
         .header("access-control-request-method", "POST")
         .header(
             "access-control-request-headers",
@@ -176,12 +175,60 @@ async fn browsers_may_call_from_any_origin() {
         )
         .body(String::new())
         .unwrap();
-    let response = http1.request(preflight).await.unwrap();
+    http1.request(preflight).await.unwrap()
+}
+
+fn header<'a>(response: &'a http::Response<hyper::body::Incoming>, name: &str) -> Option<&'a str> {
+    response.headers().get(name).map(|value| value.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn browsers_may_call_from_any_origin_by_default_without_credentials() {
+    let server = TestServer::start().await;
+    let response = preflight(&server, "https://app.example").await;
     assert!(response.status().is_success(), "{response:?}");
-    let allowed = response
-        .headers()
-        .get("access-control-allow-origin")
+    assert_eq!(header(&response, "access-control-allow-origin"), Some("*"));
+    assert_eq!(header(&response, "access-control-allow-credentials"), None);
+    let allowed = header(&response, "access-control-allow-headers").unwrap();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn browsers_read_grpc_errors_across_origins() {
+    let server = TestServer::start().await;
+    let http1 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<String>();
+    // A gRPC-web call without a token: the status comes in the headers.
+    let call = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "{}/presence.v1.PresenceService/Touch",
+            server.url()
+        ))
+        .header("origin", "https://app.example")
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(String::from_utf8(vec![0, 0, 0, 0, 0]).unwrap())
         .unwrap();
-    assert_eq!(allowed, "https://app.example");
+    let response = http1.request(call).await.unwrap();
+    assert_eq!(header(&response, "grpc-status"), Some("16"), "{response:?}");
+    let exposed = header(&response, "access-control-expose-headers").unwrap();
+    for needed in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(needed), "{needed} is not exposed: {exposed}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_configured_origins_may_call_from_a_browser() {
+    let server = TestServer::start_with(&["--cors-origins", "https://app.example,https://admin.example"]).await;
+    let response = preflight(&server, "https://admin.example").await;
+    assert_eq!(
+        header(&response, "access-control-allow-origin"),
+        Some("https://admin.example")
+    );
+    let response = preflight(&server, "https://evil.example").await;
+    assert_eq!(header(&response, "access-control-allow-origin"), None);
     server.stop().await;
 }
