@@ -224,7 +224,7 @@ pub struct LimitsConfig {
     )]
     pub max_sessions_per_user: usize,
 
-    /// Most open WatchContacts streams per user.
+    /// Most open WatchContacts streams per user on one node.
     #[arg(
         long,
         env = "PRESENCE_MAX_WATCHES_PER_USER",
@@ -247,6 +247,40 @@ pub struct LimitsConfig {
     #[arg(
         long,
         env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES",
+    /// Most open Heartbeat streams per user on one node. A device's newer
+    /// stream ends its older one, so this only bounds opens in flight and
+    /// clients that open streams without end.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_HEARTBEAT_STREAMS_PER_USER",
+        default_value_t = 32,
+        global = true
+    )]
+    pub max_heartbeat_streams_per_user: usize,
+
+    /// Most visible-state changes per second one user may cause (session
+    /// opens, status and activity changes; bursts of twice this). Each one
+    /// fans out to every watcher of the user: past it, calls are refused
+    /// with RESOURCE_EXHAUSTED. Ends of sessions are never refused.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_USER_CHANGES_PER_SECOND",
+        default_value_t = 10,
+        global = true
+    )]
+    pub max_user_changes_per_second: u32,
+
+    /// Most such changes per user per hour (a sliding budget). Bounds the
+    /// history rows of one user: at most twice this per hour, counting the
+    /// session ends that follow opens.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_USER_CHANGES_PER_HOUR",
+        default_value_t = 3600,
+        global = true
+    )]
+    pub max_user_changes_per_hour: u32,
+
         default_value_t = 256,
         global = true
     )]

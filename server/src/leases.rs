@@ -1,11 +1,23 @@
 //! The node's own session leases. A heartbeat renews a lease here, in memory,
 //! and nowhere else: no backend write per heartbeat. The sweeper ends the
 //! sessions whose lease ran out.
+//!
+//! The rule this module keeps with [`crate::node::Node`]: a session of this
+//! node exists in the hot store iff exactly one lease here names its current
+//! connection. Every change of a device's lease happens under that device's
+//! [`Leases::lock`], together with the hot-store mutation behind it, and a
+//! lease is taken only after its mutation succeeded, so a refused or failed
+//! call leaves nothing behind. A lease taken from a stream (replaced, logged
+//! out, expired) ends that stream at once.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::oneshot;
+// Tokio's clock, so that tests can move time forward past leases.
+use tokio::time::Instant;
 
 use crate::domain::{OfflineReason, Session};
 
@@ -15,11 +27,39 @@ pub struct SessionKey {
     pub device_id: String,
 }
 
+/// Why a heartbeat stream was ended by the server while its client was
+/// still there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// A newer connection of the same device took the session.
+    Replaced,
+    /// The device logged out (Disconnect), from this stream or another.
+    LoggedOut,
+    /// No heartbeat came within the lease: the session ended.
+    Expired,
+}
+
+/// The receiving end of a stream's [`StreamEnd`].
+pub type StreamEnded = oneshot::Receiver<StreamEnd>;
+
 struct Lease {
     session: Session,
     deadline: Instant,
     /// Why the session ends if the deadline passes.
     reason: OfflineReason,
+    /// The last time this node wrote the session to the hot store.
+    written_at: Instant,
+    /// Ends the heartbeat stream holding the lease; none for unary sessions.
+    stream: Option<oneshot::Sender<StreamEnd>>,
+}
+
+impl Lease {
+    fn end_stream(self, why: StreamEnd) {
+        if let Some(stream) = self.stream {
+            // The stream may be gone already: nothing left to end.
+            let _ = stream.send(why);
+        }
+    }
 }
 
 /// A lease that ran out: its session is to be ended.
@@ -30,31 +70,79 @@ pub struct Expired {
     pub reason: OfflineReason,
 }
 
-/// std-style Mutex, not Tokio's: nothing async runs while it is held.
-#[derive(Default)]
+/// Stripes of the per-device locks: devices share a stripe by hash, which
+/// costs an occasional wait on another device's backend call and saves a
+/// lock object per session.
+const LOCK_STRIPES: usize = 1024;
+
 pub struct Leases {
+    /// std-style Mutex, not Tokio's: nothing async runs while it is held.
     leases: Mutex<HashMap<SessionKey, Lease>>,
+    /// Held across a device's hot-store mutation and the lease change that
+    /// follows it, so the two are one step to every other path.
+    locks: Box<[tokio::sync::Mutex<()>]>,
+    hasher: RandomState,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            leases: Mutex::default(),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 impl Leases {
-    /// Starts or renews the lease of `session` (held by `session.conn_id`),
-    /// replacing any lease of an older connection of the same device. Returns
-    /// true if that older connection had closed and its session was waiting
-    /// out the grace period: a reconnect that spared contacts a flap.
-    pub fn hold(&self, key: SessionKey, session: Session, lease: Duration) -> bool {
-        let lease = Lease {
-            session,
-            deadline: Instant::now() + lease,
-            reason: OfflineReason::LeaseExpired,
+    /// Serializes every change of `key`'s lease and session on this node.
+    pub async fn lock(&self, key: &SessionKey) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = self.hasher.hash_one(key) as usize % LOCK_STRIPES;
+        self.locks[stripe].lock().await
+    }
+
+    /// Starts the lease of `session`, just written to the hot store,
+    /// replacing (and ending the stream of) any lease of another connection
+    /// of the same device. With `stream`, returns what ends it. The bool is
+    /// true if the replaced lease was waiting out the grace period: a
+    /// reconnect that spared contacts a flap.
+    pub fn hold(
+        &self,
+        key: SessionKey,
+        session: Session,
+        lease: Duration,
+        stream: bool,
+    ) -> (Option<StreamEnded>, bool) {
+        let (sender, ended) = if stream {
+            let (sender, ended) = oneshot::channel();
+            (Some(sender), Some(ended))
+        } else {
+            (None, None)
         };
-        self.leases
-            .lock()
-            .insert(key, lease)
-            .is_some_and(|old| old.reason == OfflineReason::ConnectionClosed)
+        let now = Instant::now();
+        let conn_id = session.conn_id;
+        let held = Lease {
+            session,
+            deadline: now + lease,
+            reason: OfflineReason::LeaseExpired,
+            written_at: now,
+            stream: sender,
+        };
+        let replaced = self.leases.lock().insert(key, held);
+        let mut in_grace = false;
+        if let Some(old) = replaced {
+            in_grace = old.reason == OfflineReason::ConnectionClosed;
+            if old.session.conn_id != conn_id {
+                old.end_stream(StreamEnd::Replaced);
+            }
+        }
+        (ended, in_grace)
     }
 
     /// Renews the lease while `conn_id` holds it; false if it does not (the
-    /// lease ran out and was swept, or a newer connection took the device).
+    /// lease ended, or a newer connection took the device).
     pub fn renew(&self, key: &SessionKey, conn_id: u64, lease: Duration) -> bool {
         let mut leases = self.leases.lock();
         match leases.get_mut(key) {
@@ -67,17 +155,22 @@ impl Leases {
         }
     }
 
-    /// The session held under `key`, if any.
-    pub fn session(&self, key: &SessionKey) -> Option<Session> {
-        self.leases.lock().get(key).map(|held| held.session.clone())
+    /// The session held under `key`, and when it was last written to the
+    /// hot store.
+    pub fn session(&self, key: &SessionKey) -> Option<(Session, Instant)> {
+        self.leases
+            .lock()
+            .get(key)
+            .map(|held| (held.session.clone(), held.written_at))
     }
 
-    /// Records a change of the held session (e.g. its activity).
+    /// Records a change of the held session just written to the hot store.
     pub fn update_session(&self, key: &SessionKey, session: &Session) {
         if let Some(held) = self.leases.lock().get_mut(key)
             && held.session.conn_id == session.conn_id
         {
             held.session = session.clone();
+            held.written_at = Instant::now();
         }
     }
 
@@ -92,26 +185,41 @@ impl Leases {
         }
     }
 
-    /// Drops the lease whatever connection holds it (explicit logout).
-    pub fn release(&self, key: &SessionKey) {
-        self.leases.lock().remove(key);
+    /// Ends the lease of `key`, whatever connection holds it (`None`) or only
+    /// while `conn_id` does, and ends its stream with `why`.
+    pub fn release(&self, key: &SessionKey, conn_id: Option<u64>, why: StreamEnd) {
+        let mut leases = self.leases.lock();
+        if conn_id.is_some_and(|c| leases.get(key).is_none_or(|held| held.session.conn_id != c)) {
+            return;
+        }
+        if let Some(old) = leases.remove(key) {
+            drop(leases);
+            old.end_stream(why);
+        }
     }
 
-    /// Removes and returns the leases whose deadline has passed.
-    pub fn take_expired(&self, now: Instant) -> Vec<Expired> {
-        let mut expired = Vec::new();
-        self.leases.lock().retain(|key, held| {
-            if held.deadline > now {
-                return true;
-            }
-            expired.push(Expired {
+    /// The leases whose deadline has passed. They stay held until their
+    /// session is ended: a sweep that fails to end one tries again.
+    pub fn expired(&self, now: Instant) -> Vec<Expired> {
+        self.leases
+            .lock()
+            .iter()
+            .filter(|(_, held)| held.deadline <= now)
+            .map(|(key, held)| Expired {
                 key: key.clone(),
                 conn_id: held.session.conn_id,
                 reason: held.reason,
-            });
-            false
-        });
-        expired
+            })
+            .collect()
+    }
+
+    /// Whether the lease of `expired` is still the one that ran out (not
+    /// renewed or replaced since it was found).
+    pub fn still_expired(&self, expired: &Expired, now: Instant) -> bool {
+        self.leases
+            .lock()
+            .get(&expired.key)
+            .is_some_and(|held| held.session.conn_id == expired.conn_id && held.deadline <= now)
     }
 
     /// A copy of every session held, for re-asserting them.

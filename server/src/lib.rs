@@ -30,6 +30,7 @@ pub mod node;
 pub mod store;
 pub mod telemetry;
 pub mod watch;
+pub mod quota;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 //! backends. It owns the leases of the sessions connected to it, applies every
 //! change through the hot store, records it in the history and fans it out.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,8 +19,9 @@ use crate::domain::{
     Shown, UserRecord, View, Viewer,
 };
 use crate::hub::Hub;
-use crate::leases::{Leases, SessionKey};
+use crate::leases::{Expired, Leases, SessionKey, StreamEnd, StreamEnded};
 use crate::metrics;
+use crate::quota::{QuotaLimits, Quotas, StreamKind, StreamSlot};
 use crate::store::{
     BusEvent, ChoiceRecord, ContactStore, FanOut, HistoryStore, HotStore, StoreError, choice_stamp,
 };
@@ -66,8 +66,8 @@ pub struct Node {
     leases: Leases,
     next_conn_id: AtomicU64,
     draining: watch::Sender<bool>,
-    /// Open WatchContacts streams per user, to enforce the per-user limit.
-    watch_counts: Mutex<HashMap<String, usize>>,
+    /// Per-user bounds: open streams, visible changes.
+    pub quotas: Arc<Quotas>,
     /// How this node's own lease in the hot store stands.
     lease: Mutex<LeaseHold>,
     /// The hot store no longer knew this node when it renewed its lease: the
@@ -142,6 +142,12 @@ pub fn now_ms() -> i64 {
 
 impl Node {
     pub fn new(config: Config, node_id: String, backends: Backends) -> Arc<Node> {
+        let quotas = Quotas::new(QuotaLimits {
+            max_heartbeat_streams: config.limits.max_heartbeat_streams_per_user,
+            max_watches: config.limits.max_watches_per_user,
+            changes_per_second: config.limits.max_user_changes_per_second,
+            changes_per_hour: config.limits.max_user_changes_per_hour,
+        });
         Arc::new(Node {
             config,
             node_id,
@@ -151,7 +157,7 @@ impl Node {
             // those it handed out before.
             next_conn_id: AtomicU64::new(rand::random::<u64>() >> 1),
             draining: watch::channel(false).0,
-            watch_counts: Mutex::default(),
+            quotas,
             lease: Mutex::default(),
             hot_lost_sessions: AtomicBool::new(false),
             degraded: Degraded::default(),
@@ -174,6 +180,11 @@ impl Node {
         // the older queued ones.
         if self.degraded.hot_down() || self.degraded.holds(user_id) {
             return self.mutate_degraded(user_id, mutation).await;
+        }
+        // The hot store lost its data and the users have not been given back
+        // their durable state yet: no change may start from the defaults.
+        if self.hot_lost_sessions.load(Ordering::Acquire) && !degraded::ends_session(&mutation) {
+            self.restore_from_durable(user_id).await?;
         }
         let now = now_ms();
         // Kept for the degraded path: the hot store takes the mutation by value.
@@ -475,15 +486,23 @@ impl Node {
     }
 
     /// Opens (or reopens) a device's session on a new connection and starts
-    /// its lease. Returns the session and the user's record after the open.
+    /// its lease, ending the stream of any older connection of the device.
+    /// Returns the session, the user's record after the open, and what ends
+    /// the new stream.
     pub async fn open_session(
         &self,
         caller: &Caller,
         open: OpenRequest,
-    ) -> Result<(SessionKey, Session, UserRecord), ApiError> {
+    ) -> Result<OpenedSession, ApiError> {
         self.check_serving()?;
-        self.restore_from_durable(&caller.user_id).await;
-        let session = self.new_session(open.device_id.clone(), open.platform, open.activity);
+        self.quotas.admit_change(&caller.user_id)?;
+        let key = SessionKey {
+            user_id: caller.user_id.clone(),
+            device_id: open.device_id.clone(),
+        };
+        let _device = self.leases.lock(&key).await;
+        self.restore_from_durable(&caller.user_id).await?;
+        let session = self.new_session(open.device_id, open.platform, open.activity);
         let record = self
             .mutate(
                 &caller.user_id,
@@ -493,57 +512,68 @@ impl Node {
                 },
             )
             .await?;
-        let key = SessionKey {
-            user_id: caller.user_id.clone(),
-            device_id: open.device_id,
-        };
-        if self
-            .leases
-            .hold(key.clone(), session.clone(), self.config.lease)
-        {
+        let (ended, in_grace) =
+            self.leases
+                .hold(key.clone(), session.clone(), self.config.lease, true);
+        if in_grace {
             metrics::reconnect_in_grace();
         }
-        Ok((key, session, record))
+        Ok(OpenedSession {
+            key,
+            session,
+            record,
+            ended: ended.expect("a stream lease comes with its end"),
+        })
     }
 
     /// A heartbeat on the stream holding `session`: renews the lease in
-    /// memory, and touches the hot store only when something changed or the
-    /// lease had to be taken again.
+    /// memory, and touches the hot store only when something changed. Fails
+    /// with ABORTED when the stream no longer holds the session (it was
+    /// replaced, logged out or expired): the stream is to end.
     pub async fn beat(
         &self,
         key: &SessionKey,
         session: &mut Session,
         change: BeatChange,
     ) -> Result<(), ApiError> {
-        let renewed = self.leases.renew(key, session.conn_id, self.config.lease);
+        let lost = || ApiError::Aborted("this stream no longer holds the session".into());
+        if !self.leases.renew(key, session.conn_id, self.config.lease) {
+            return Err(lost());
+        }
         // Clients may repeat their activity on every beat (the SDK does):
         // only a different one is a change, so plain beats never reach a
         // backend.
         let activity = change.activity.filter(|a| *a != session.activity);
-        if renewed && activity.is_none() && change.status.is_none() {
+        if activity.is_none() && change.status.is_none() {
             return Ok(());
+        }
+        self.quotas.admit_change(&key.user_id)?;
+        let _device = self.leases.lock(key).await;
+        // Another path may have ended the lease while this one waited.
+        if !self.leases.renew(key, session.conn_id, self.config.lease) {
+            return Err(lost());
         }
         let mut changed = session.clone();
         if let Some(activity) = activity {
             changed.activity = activity;
         }
-        if renewed {
-            self.leases.update_session(key, &changed);
-        } else {
-            // The lease ran out (the client went quiet for too long) but the
-            // stream is alive: the session comes back.
-            self.leases
-                .hold(key.clone(), changed.clone(), self.config.lease);
+        let update = Mutation::Update {
+            session: changed.clone(),
+            activity,
+            status: change.status,
+        };
+        match self.mutate(&key.user_id, update).await {
+            Ok(_) => {}
+            // The hot store names a newer connection of the device (taken
+            // over through another node): this lease is not the session's.
+            Err(ApiError::FailedPrecondition(_)) => {
+                self.leases
+                    .release(key, Some(session.conn_id), StreamEnd::Replaced);
+                return Err(lost());
+            }
+            Err(error) => return Err(error),
         }
-        self.mutate(
-            &key.user_id,
-            Mutation::Update {
-                session: changed.clone(),
-                activity,
-                status: change.status,
-            },
-        )
-        .await?;
+        self.leases.update_session(key, &changed);
         // Kept only once recorded: after a failed change the client's next
         // beat, repeating its activity, still counts as a change.
         *session = changed;
@@ -556,7 +586,10 @@ impl Node {
     }
 
     /// A unary heartbeat: opens the session if this node does not hold it,
-    /// renews it otherwise.
+    /// renews it otherwise. The session is written to the hot store at least
+    /// every half lease even without a change: a device whose calls are
+    /// balanced over several nodes moves its session to the node it last
+    /// wrote from, before the lease of the node it left runs out there.
     pub async fn touch(
         &self,
         caller: &Caller,
@@ -570,40 +603,56 @@ impl Node {
             device_id: device_id.clone(),
         };
         let held = self.leases.session(&key);
-        let mut session = match held.clone() {
-            Some(session) => session,
-            None => self.new_session(device_id, platform, activity.unwrap_or_default()),
+        let changed_activity = match &held {
+            Some((session, _)) => activity.filter(|a| *a != session.activity),
+            None => activity,
         };
-        let changed_activity = activity.filter(|a| *a != session.activity);
+        if let Some((session, written_at)) = &held
+            && changed_activity.is_none()
+            && written_at.elapsed() < self.config.lease / 2
+            && self.leases.renew(&key, session.conn_id, self.config.lease)
+        {
+            return Ok(());
+        }
+        if held.is_none() || changed_activity.is_some() {
+            self.quotas.admit_change(&caller.user_id)?;
+        }
+        let _device = self.leases.lock(&key).await;
+        let mut session = match self.leases.session(&key) {
+            Some((session, _)) => session,
+            None => {
+                self.restore_from_durable(&caller.user_id).await?;
+                self.new_session(device_id, platform, activity.unwrap_or_default())
+            }
+        };
         if let Some(activity) = changed_activity {
             session.activity = activity;
         }
-        self.leases
-            .hold(key.clone(), session.clone(), self.config.lease);
-        if held.is_none() {
-            self.restore_from_durable(&caller.user_id).await;
-        }
-        if held.is_none() || changed_activity.is_some() {
-            self.mutate(
-                &caller.user_id,
-                Mutation::Touch {
-                    session,
-                    activity: changed_activity,
-                },
-            )
-            .await?;
+        self.mutate(
+            &caller.user_id,
+            Mutation::Touch {
+                session: session.clone(),
+                activity: changed_activity,
+            },
+        )
+        .await?;
+        if self.leases.renew(&key, session.conn_id, self.config.lease) {
+            self.leases.update_session(&key, &session);
+        } else {
+            self.leases.hold(key, session, self.config.lease, false);
         }
         Ok(())
     }
 
-    /// Explicit logout of one device: the session ends at once.
+    /// Explicit logout of one device: the session ends at once, and so does
+    /// the stream holding it on this node, so that no beat in flight brings
+    /// it back.
     pub async fn disconnect(&self, caller: &Caller, device_id: String) -> Result<(), ApiError> {
         let key = SessionKey {
             user_id: caller.user_id.clone(),
             device_id: device_id.clone(),
         };
-        self.leases.release(&key);
-        metrics::session_ended(OfflineReason::Logout);
+        let _device = self.leases.lock(&key).await;
         self.mutate(
             &caller.user_id,
             Mutation::End {
@@ -613,6 +662,8 @@ impl Node {
             },
         )
         .await?;
+        metrics::session_ended(OfflineReason::Logout);
+        self.leases.release(&key, None, StreamEnd::LoggedOut);
         Ok(())
     }
 
@@ -622,6 +673,7 @@ impl Node {
         chosen: ChosenStatus,
         custom_message: String,
     ) -> Result<UserRecord, ApiError> {
+        self.quotas.admit_change(&caller.user_id)?;
         self.mutate(
             &caller.user_id,
             Mutation::SetStatus {
@@ -888,40 +940,46 @@ impl Node {
         Ok(self.backends.contacts.list(user_id).await?)
     }
 
-    /// Counts a new watch stream of `user_id`, refusing past the limit. The
-    /// returned guard uncounts it when dropped.
-    pub fn admit_watch(self: &Arc<Self>, user_id: &str) -> Result<WatchSlot, ApiError> {
-        let mut counts = self.watch_counts.lock();
-        let count = counts.entry(user_id.to_owned()).or_default();
-        if *count >= self.config.limits.max_watches_per_user {
-            return Err(ApiError::ResourceExhausted(format!(
-                "a user may have at most {} open watches",
-                self.config.limits.max_watches_per_user
-            )));
-        }
-        *count += 1;
-        Ok(WatchSlot {
-            node: self.clone(),
-            user_id: user_id.to_owned(),
-        })
+    /// Counts a new stream of `user_id`, refusing past the per-user limit
+    /// of its kind. The returned slot uncounts it when dropped.
+    pub fn admit_stream(&self, user_id: &str, kind: StreamKind) -> Result<StreamSlot, ApiError> {
+        self.quotas.admit_stream(user_id, kind)
     }
 
-    /// Ends the sessions whose lease ran out. Returns how many.
+    /// Ends the sessions whose lease ran out. Returns how many. A session
+    /// that cannot be ended now keeps its lease and is tried again at the
+    /// next sweep: dropping the lease first would leave it online for good.
     pub async fn sweep(&self) -> usize {
-        let expired = self.leases.take_expired(Instant::now());
-        let count = expired.len();
-        for lease in expired {
-            metrics::session_ended(lease.reason);
-            let mutation = Mutation::End {
-                device_id: lease.key.device_id,
-                conn_id: Some(lease.conn_id),
-                reason: lease.reason,
-            };
-            if let Err(error) = self.mutate(&lease.key.user_id, mutation).await {
-                tracing::warn!(?error, user_id = %lease.key.user_id, "ending an expired session failed");
+        let now = tokio::time::Instant::now();
+        let mut ended = 0;
+        for lease in self.leases.expired(now) {
+            if self.end_expired(&lease, now).await {
+                ended += 1;
             }
         }
-        count
+        self.quotas.prune();
+        ended
+    }
+
+    async fn end_expired(&self, lease: &Expired, now: tokio::time::Instant) -> bool {
+        let _device = self.leases.lock(&lease.key).await;
+        // Renewed or taken over while the sweep waited for the device.
+        if !self.leases.still_expired(lease, now) {
+            return false;
+        }
+        let mutation = Mutation::End {
+            device_id: lease.key.device_id.clone(),
+            conn_id: Some(lease.conn_id),
+            reason: lease.reason,
+        };
+        if let Err(error) = self.mutate(&lease.key.user_id, mutation).await {
+            tracing::warn!(?error, user_id = %lease.key.user_id, "ending an expired session failed, retrying at the next sweep");
+            return false;
+        }
+        metrics::session_ended(lease.reason);
+        self.leases
+            .release(&lease.key, Some(lease.conn_id), StreamEnd::Expired);
+        true
     }
 
     /// The node's background duties until `stop` is raised: end expired
@@ -949,6 +1007,15 @@ impl Node {
             }
         };
         tokio::join!(duties, lease);
+    }
+
+    /// One round of every duty, as the maintenance loops run them: for
+    /// tests and tools that drive a node step by step.
+    pub async fn maintain_once(&self) {
+        self.renew_node_lease().await;
+        self.sweep().await;
+        self.catch_up_hot_store().await;
+        self.reclaim_lost_nodes().await;
     }
 
     async fn renew_node_lease(&self) {
@@ -995,11 +1062,14 @@ impl Node {
         if self.degraded.hot_down() {
             return;
         }
-        if self.hot_lost_sessions.swap(false, Ordering::AcqRel) {
+        if self.hot_lost_sessions.load(Ordering::Acquire) {
+            // The flag stays up until the users have their durable state
+            // back: meanwhile `mutate` restores a user before any change of
+            // them, which would otherwise start from the default choice.
             if !self.restore_forgotten_choices().await {
-                self.hot_lost_sessions.store(true, Ordering::Release);
                 return;
             }
+            self.hot_lost_sessions.store(false, Ordering::Release);
             self.reassert_sessions().await;
         }
         self.replay_degraded(self.config.node_lease / 3).await;
@@ -1014,13 +1084,31 @@ impl Node {
             "hot store lost this node's sessions, re-asserting them"
         );
         for (key, session) in sessions {
+            let _device = self.leases.lock(&key).await;
+            // Ended or replaced since the copy was taken.
+            if self
+                .leases
+                .session(&key)
+                .is_none_or(|(held, _)| held.conn_id != session.conn_id)
+            {
+                continue;
+            }
+            let conn_id = session.conn_id;
             let mutation = Mutation::Update {
                 session,
                 activity: None,
                 status: None,
             };
-            if let Err(error) = self.mutate(&key.user_id, mutation).await {
-                tracing::warn!(?error, user_id = %key.user_id, "re-asserting a session failed");
+            match self.mutate(&key.user_id, mutation).await {
+                Ok(_) => {}
+                // Another node took the device over meanwhile.
+                Err(ApiError::FailedPrecondition(_)) => {
+                    self.leases
+                        .release(&key, Some(conn_id), StreamEnd::Replaced);
+                }
+                Err(error) => {
+                    tracing::warn!(?error, user_id = %key.user_id, "re-asserting a session failed");
+                }
             }
         }
     }
@@ -1187,22 +1275,19 @@ impl Node {
     pub fn session_count(&self) -> usize {
         self.leases.len()
     }
-}
 
-/// One admitted watch stream; dropping it frees the slot.
-pub struct WatchSlot {
-    node: Arc<Node>,
-    user_id: String,
-}
-
-impl Drop for WatchSlot {
-    fn drop(&mut self) {
-        let mut counts = self.node.watch_counts.lock();
-        if let Some(count) = counts.get_mut(&self.user_id) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.user_id);
-            }
-        }
+    /// Every session this node holds a lease for.
+    pub fn held_sessions(&self) -> Vec<(SessionKey, Session)> {
+        self.leases.sessions()
     }
+}
+
+/// A session just opened on a heartbeat stream.
+pub struct OpenedSession {
+    pub key: SessionKey,
+    pub session: Session,
+    /// The user's record after the open.
+    pub record: UserRecord,
+    /// Resolves when the server takes the session from the stream.
+    pub ended: StreamEnded,
 }

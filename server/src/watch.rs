@@ -12,7 +12,8 @@ use crate::api::error::ApiError;
 use crate::auth::Caller;
 use crate::domain::{View, Viewer};
 use crate::hub::{Pending, Watcher};
-use crate::node::{Node, WatchSlot};
+use crate::node::Node;
+use crate::quota::{StreamKind, StreamSlot};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -34,7 +35,7 @@ struct Registration {
     node: Arc<Node>,
     watcher: Arc<Watcher>,
     watched: HashSet<String>,
-    _slot: WatchSlot,
+    _slot: StreamSlot,
 }
 
 impl Registration {
@@ -70,7 +71,7 @@ pub fn watch(
             "only admin callers may name the users to watch".into(),
         ));
     }
-    let slot = node.admit_watch(&caller.user_id)?;
+    let slot = node.admit_stream(&caller.user_id, StreamKind::Watch)?;
     let viewer = if caller.admin {
         Viewer::Admin
     } else {

@@ -20,6 +20,10 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The stream lost what it was serving (its session was taken over or
+    /// ended): the client is to open a new one.
+    #[error("{0}")]
+    Aborted(String),
 }
 
 impl From<ApiError> for Status {
@@ -31,6 +35,7 @@ impl From<ApiError> for Status {
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Unavailable(_) => Code::Unavailable,
+            ApiError::Aborted(_) => Code::Aborted,
         };
         Status::new(code, error.to_string())
     }

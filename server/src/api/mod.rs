@@ -16,7 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, Caller};
 use crate::domain::{Viewer, history_view};
-use crate::node::{BeatChange, Node, OpenRequest};
+use crate::leases::StreamEnd;
+use crate::node::{BeatChange, Node, OpenRequest, OpenedSession};
+use crate::quota::{StreamKind, TokenBucket};
 use crate::watch::{WatchEvent, WatchRequest, watch};
 use error::ApiError;
 
@@ -74,36 +76,6 @@ impl Api {
     }
 }
 
-/// A token bucket: `rate` per second, bursts of `rate`.
-struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        RateLimit {
-            rate,
-            tokens: rate,
-            last: Instant::now(),
-        }
-    }
-
-    fn admit(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
-        self.last = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
-}
-
 fn ms(duration: std::time::Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
@@ -118,9 +90,13 @@ impl PresenceService for Api {
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let caller = self.caller(&request)?;
         self.node.check_serving()?;
+        let slot = self
+            .node
+            .admit_stream(&caller.user_id, StreamKind::Heartbeat)?;
         let node = self.node.clone();
         let mut inbound = request.into_inner();
         let stream = async_stream::try_stream! {
+            let _slot = slot;
             let limits = &node.config.limits;
             let open = match inbound.message().await {
                 Ok(Some(pb::HeartbeatRequest { request: Some(pb::heartbeat_request::Request::Open(open)) })) => open,
@@ -137,7 +113,8 @@ impl PresenceService for Api {
             };
             // Boxed: the stream's state machine lives as long as the session,
             // and would otherwise be as large as the biggest future it awaits.
-            let (key, mut session, record) = Box::pin(node.open_session(&caller, open)).await?;
+            let OpenedSession { key, mut session, record, mut ended } =
+                Box::pin(node.open_session(&caller, open)).await?;
             let _lingers = Lingers { node: node.clone(), key: key.clone(), conn_id: session.conn_id };
             yield pb::HeartbeatResponse {
                 response: Some(pb::heartbeat_response::Response::Opened(pb::SessionOpened {
@@ -146,12 +123,16 @@ impl PresenceService for Api {
                     presence: Some(convert::presence(crate::domain::View::of(&key.user_id, Some(&record), Viewer::Owner))),
                 })),
             };
-            let mut rate = RateLimit::new(node.config.limits.max_beats_per_second);
+            let mut rate = TokenBucket::new(
+                f64::from(limits.max_beats_per_second),
+                f64::from(limits.max_beats_per_second),
+            );
             let drained = node.drained();
             tokio::pin!(drained);
             loop {
                 let message = tokio::select! {
-                    message = inbound.message() => message,
+                    biased;
+                    why = &mut ended => Err(why.unwrap_or(StreamEnd::Replaced)),
                     _ = &mut drained => {
                         yield pb::HeartbeatResponse {
                             response: Some(pb::heartbeat_response::Response::GoAway(pb::GoAway {
@@ -160,6 +141,14 @@ impl PresenceService for Api {
                             })),
                         };
                         break;
+                    }
+                    message = inbound.message() => Ok(message),
+                };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(why) => {
+                        Err(stream_ended(why))?;
+                        return;
                     }
                 };
                 // A transport error means the client is gone: the session
@@ -176,9 +165,9 @@ impl PresenceService for Api {
                         return;
                     }
                 };
-                if !rate.admit() {
+                if !rate.admit(Instant::now()) {
                     Err(ApiError::ResourceExhausted(format!(
-                        "more than {} heartbeats per second", node.config.limits.max_beats_per_second
+                        "more than {} heartbeats per second", limits.max_beats_per_second
                     )))?;
                 }
                 let change = BeatChange {
@@ -194,6 +183,11 @@ impl PresenceService for Api {
                     // beat, so the next one tries the change again.
                     Err(ApiError::Unavailable(cause)) => {
                         tracing::warn!(%cause, user_id = %key.user_id, "a heartbeat's change could not be recorded");
+                    }
+                    // The session was taken from this stream: say why.
+                    Err(ApiError::Aborted(_)) => {
+                        Err(stream_ended(ended.try_recv().unwrap_or(StreamEnd::Replaced)))?;
+                        return;
                     }
                     Err(error) => Err(error)?,
                 }
@@ -377,6 +371,21 @@ impl PresenceService for Api {
                 .collect(),
             next_page_token,
         }))
+    }
+}
+
+/// What a client is told when the server ends its heartbeat stream. A
+/// logout is final (the SDK does not reopen); a replaced or expired session
+/// is reopened by a client that is still there.
+fn stream_ended(why: StreamEnd) -> ApiError {
+    match why {
+        StreamEnd::Replaced => {
+            ApiError::Aborted("a newer connection of this device took the session over".into())
+        }
+        StreamEnd::Expired => {
+            ApiError::Aborted("no heartbeat within the lease, the session ended".into())
+        }
+        StreamEnd::LoggedOut => ApiError::FailedPrecondition("the device logged out".into()),
     }
 }
 

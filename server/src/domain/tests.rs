@@ -264,6 +264,18 @@ fn a_reconnect_keeps_when_the_session_started() {
 }
 
 #[test]
+fn a_reopen_takes_the_activity_the_device_reopens_with() {
+    let mut record = UserRecord::default();
+    open(&mut record, "phone", 1, Activity::Idle, 1_000);
+    assert_eq!(record.shown.status, VisibleStatus::Idle);
+    open(&mut record, "phone", 2, Activity::Active, 2_000);
+    assert_eq!(record.sessions[0].activity, Activity::Active);
+    assert_eq!(record.shown.status, VisibleStatus::Online);
+    open(&mut record, "phone", 3, Activity::Idle, 3_000);
+    assert_eq!(record.shown.status, VisibleStatus::Idle);
+}
+
+#[test]
 fn an_update_from_a_replaced_connection_is_refused_and_changes_nothing() {
     let mut record = UserRecord::default();
     open(&mut record, "phone", 1, Activity::Active, 1_000);

@@ -91,7 +91,10 @@ pub fn apply(
             });
         }
         Mutation::Open { session, status } => {
-            upsert_session(record, session, None, limits)?;
+            // A reopen says what the device is doing now: the activity the
+            // old connection last reported no longer holds.
+            let activity = Some(session.activity);
+            upsert_session(record, session, activity, limits)?;
             set_chosen(record, status);
         }
         Mutation::Update {
