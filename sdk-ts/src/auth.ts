@@ -31,6 +31,11 @@ export class Tokens {
     this.current = this.remember(current.then((token) => (token === rejected ? this.ask() : token)));
   }
 
+  /** Forgets the current token: the next `get` asks the provider again. */
+  refresh(): void {
+    if (this.refreshable) this.current = undefined;
+  }
+
   private ask(): string | Promise<string> {
     const provider = this.provider;
     return typeof provider === "function" ? provider() : provider;

@@ -188,6 +188,9 @@ class PresenceClientImpl implements PresenceClient {
       share,
     });
     this.watches.add(watch);
+    watch.onStateChange(({ state }) => {
+      if (state === "closed") this.watches.delete(watch);
+    });
     return watch;
   }
 

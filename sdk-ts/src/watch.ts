@@ -57,12 +57,30 @@ export interface WatchDeps {
   share: { key: Promise<string>; locks: LockManager } | undefined;
 }
 
+/**
+ * A state change as it crosses tabs: structured cloning turns an Error
+ * subclass into a plain Error, so the error travels as its code and message.
+ */
+interface TabState {
+  state: ConnectionState;
+  attempt: number;
+  error: { code: Code; message: string } | undefined;
+}
+
 /** Messages between the tabs sharing a stream. */
 type TabMessage =
   | { type: "hello" }
   | { type: "event"; event: SourceEvent }
-  | { type: "state"; change: StateChange }
-  | { type: "snapshot"; presences: Presence[]; synced: boolean; watched: number; change: StateChange };
+  | { type: "state"; change: TabState }
+  | { type: "snapshot"; presences: Presence[]; synced: boolean; watched: number; change: TabState };
+
+function toTab({ state, attempt, error }: StateChange): TabState {
+  return { state, attempt, error: error && { code: error.code, message: error.message } };
+}
+
+function fromTab({ state, attempt, error }: TabState): StateChange {
+  return { state, attempt, error: error && new PresenceError(error.code, error.message) };
+}
 
 export class Watch implements ContactWatch {
   private readonly map = new ContactMap();
@@ -187,7 +205,7 @@ export class Watch implements ContactWatch {
     if (this.change.state === "closed") return;
     this.change = change;
     // A closing tab leaves; the others take over rather than close with it.
-    if (change.state !== "closed") this.broadcast?.({ type: "state", change });
+    if (change.state !== "closed") this.broadcast?.({ type: "state", change: toTab(change) });
     for (const listener of [...this.stateListeners]) listener(change);
   }
 
@@ -232,7 +250,7 @@ export class Watch implements ContactWatch {
         const error = toPresenceError(thrown);
         if (error.code === Code.Unauthenticated && tokens.refreshable && !refreshedToken) {
           refreshedToken = true;
-          tokens.invalidate(await tokens.get());
+          tokens.refresh();
         } else if (!isRetryable(error)) {
           this.setState({ state: "closed", error, attempt: 0 });
           this.abort.abort();
@@ -254,10 +272,16 @@ export class Watch implements ContactWatch {
    */
   private async shareAcrossTabs(share: { key: Promise<string>; locks: LockManager }): Promise<void> {
     const signal = this.abort.signal;
-    const key = await share.key;
+    // Without a token there is no user to share with: the stream's own
+    // retries report the token failure.
+    const key = await share.key.catch(() => undefined);
     if (signal.aborted) return;
+    if (key === undefined) return this.runStream();
     const channel = new BroadcastChannel(key);
-    signal.addEventListener("abort", () => channel.close());
+    signal.addEventListener("abort", () => {
+      this.broadcast = undefined;
+      channel.close();
+    });
     let leading = false;
     channel.onmessage = ({ data }: MessageEvent<TabMessage>) => {
       if (leading) {
@@ -267,7 +291,7 @@ export class Watch implements ContactWatch {
             presences: [...this.map.contacts.values()],
             synced: this.map.synced,
             watched: this.map.watched,
-            change: this.change,
+            change: toTab(this.change),
           } satisfies TabMessage);
         }
         return;
@@ -277,12 +301,12 @@ export class Watch implements ContactWatch {
           this.feed(data.event);
           break;
         case "state":
-          this.setState(data.change);
+          this.setState(fromTab(data.change));
           break;
         case "snapshot":
           for (const presence of data.presences) this.feed({ type: "presence", presence });
           if (data.synced && !this.map.synced) this.feed({ type: "synced", watched: data.watched });
-          this.setState(data.change);
+          this.setState(fromTab(data.change));
           break;
       }
     };
