@@ -37,6 +37,7 @@ const harness = {
   synced: () => watch!.synced(),
   status: (userId: string) => watch?.get(userId)?.status,
   message: (userId: string) => watch?.get(userId)?.customMessage,
+  offlineReason: (userId: string) => watch?.get(userId)?.offlineReason,
   state: () => watch?.state,
   seen: () => seen,
   states: () => states,

@@ -16,6 +16,7 @@ interface HarnessApi {
   synced(): Promise<void>;
   status(userId: string): string | undefined;
   message(userId: string): string | undefined;
+  offlineReason(userId: string): string | undefined;
   state(): string | undefined;
   seen(): SeenEntry[];
   states(): string[];

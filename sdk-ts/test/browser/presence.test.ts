@@ -79,10 +79,14 @@ test("a contact's page shows online, idle, busy, invisible and a closed tab with
 
   await call(alicePage, "setStatus", "online");
   await pageSees(bobPage, "online", 2000, "status", alice);
+  // Closing the tab fires pagehide: the SDK's Disconnect (keepalive) logs
+  // the session out at once instead of waiting for its lease (2 s here).
   started = Date.now();
-  await alicePage.context().close();
+  await alicePage.close({ runBeforeUnload: true });
   seenAt = await pageSees(bobPage, "offline", 2000, "status", alice);
   t.diagnostic(`closed tab seen as offline after ${seenAt - started} ms`);
+  assert.equal(await call(bobPage, "offlineReason", alice), "logout");
+  await alicePage.context().close();
   await bobPage.context().close();
 });
 
