@@ -52,7 +52,7 @@ function renderBoard(): void {
         "div",
         { class: "card", "data-user": presence.userId },
         html("div", { class: "name" }, html("span", { class: `dot ${presence.status}` }), presence.userId),
-        html("div", { class: "status" }, presence.status === "offline" ? lastSeen(presence) : presence.status),
+        html("div", { class: "status" }, presence.status === "offline" ? `offline · ${lastSeen(presence)}` : presence.status),
         html("div", { class: "message" }, presence.customMessage),
         html("a", { href: `?user=${encodeURIComponent(presence.userId)}`, target: "_blank" }, `open as ${presence.userId} ↗`),
       ),

@@ -23,6 +23,8 @@ export interface DemoOptions {
   presencePort: number;
   /** Where the board page is served. */
   pagePort: number;
+  /** Leave out the server's log (tests). Default: false. */
+  quiet?: boolean;
 }
 
 export interface Demo {
@@ -31,9 +33,9 @@ export interface Demo {
   stop(): Promise<void>;
 }
 
-export async function startDemo({ serverBin, presencePort, pagePort }: DemoOptions): Promise<Demo> {
+export async function startDemo({ serverBin, presencePort, pagePort, quiet = false }: DemoOptions): Promise<Demo> {
   const baseUrl = `http://127.0.0.1:${presencePort}`;
-  const server = spawn(serverBin, ["--dev", "--listen", `127.0.0.1:${presencePort}`], { stdio: "inherit" });
+  const server = spawn(serverBin, ["--dev", "--listen", `127.0.0.1:${presencePort}`], { stdio: quiet ? "ignore" : "inherit" });
   await listening(server, presencePort);
 
   const token = async (user: string, admin = false) => {

@@ -8,12 +8,12 @@ import { freePort, packageDir, serverBin } from "../harness.js";
 import { launchBrowser } from "./browser.js";
 
 test("the demo board shows the contacts live, and bob's change reaches alice's board", async () => {
-  const demo = await startDemo({ serverBin, presencePort: await freePort(), pagePort: await freePort() });
+  const demo = await startDemo({ serverBin, presencePort: await freePort(), pagePort: await freePort(), quiet: true });
   const browser = await launchBrowser();
   try {
     const bob = await (await browser.newContext()).newPage();
     await bob.goto(demo.url.replace("user=alice", "user=bob"));
-    const alice = await (await browser.newContext({ viewport: { width: 960, height: 600 } })).newPage();
+    const alice = await (await browser.newContext({ viewport: { width: 960, height: 460 } })).newPage();
     await alice.goto(demo.url);
     await alice.locator(".connection.connected").waitFor({ timeout: 5000 });
     await alice.locator('.card[data-user="bob"] .dot.online').waitFor({ timeout: 2000 });

@@ -24,7 +24,7 @@ after(async () => {
   await Promise.allSettled([browser?.close(), pages?.close(), server?.stop()]);
 });
 
-test("a server restart mid-watch resumes without a lost or duplicated change", { skip: !redis && "PRESENCE_TEST_REDIS_CLUSTER is not set" }, async () => {
+test("a server restart mid-watch resumes without a lost or duplicated change", { skip: !redis && "PRESENCE_TEST_REDIS_CLUSTER is not set" }, async (t) => {
   const grace = uniqueUser("grace");
   const heidi = uniqueUser("heidi");
   await addContacts(server.baseUrl, grace, [heidi]);
@@ -63,6 +63,7 @@ test("a server restart mid-watch resumes without a lost or duplicated change", {
       "every change exactly once, in order",
     );
     const states = await call(page, "states");
+    t.diagnostic(`page states: ${states.join(" → ")}; heidi as seen: ${seen.map((entry) => `${entry.status} "${entry.message}" v${entry.version}`).join(", ")}`);
     assert.ok(states.includes("reconnecting"), `the page showed the outage: ${states.join(" → ")}`);
     assert.equal(states.at(-1), "connected");
   } finally {
