@@ -94,7 +94,7 @@ export interface PresenceClient {
   watchContacts(): ContactWatch;
   /** Sets the status of all of the user's devices and the custom message (empty clears it). Resolves to the user's own presence. */
   setStatus(status: UserStatus, customMessage?: string): Promise<Presence>;
-  /** Reports this device active or idle (sent at once, then with every heartbeat). */
+  /** Reports this device active or idle: sent at once, then with every heartbeat (failures go to `onSessionError`, and are retried). */
   setActivity(activity: Activity): Promise<void>;
   /** The presence of 1 to 100 users, in request order; users the caller may not see come back offline with version 0. */
   getPresence(userIds: string[]): Promise<Presence[]>;
@@ -137,6 +137,8 @@ class PresenceClientImpl implements PresenceClient {
   private readonly cleanups: Array<() => void> = [];
   private activity: Activity = "active";
   private heartbeat: ReturnType<typeof setTimeout> | undefined;
+  /** The Touch on its way, if any: `close()` lets it land before the Disconnect, which it would otherwise undo. */
+  private touching: Promise<unknown> | undefined;
   /** Set from the first Touch until the session ends (Disconnect, close). */
   private sessionRunning = false;
   private closed = false;
@@ -233,6 +235,7 @@ class PresenceClientImpl implements PresenceClient {
     this.closed = true;
     for (const watch of this.watches) watch.close();
     for (const cleanup of this.cleanups.splice(0)) cleanup();
+    await this.touching?.catch(() => {});
     await this.endSession();
   }
 
@@ -258,9 +261,11 @@ class PresenceClientImpl implements PresenceClient {
     clearTimeout(this.heartbeat);
     let nextInMs: number;
     try {
-      const response = await this.call(() =>
+      const touching = this.call(() =>
         this.rpc.touch({ deviceId: this.deviceId, platform: this.platform, activity: activityToMessage(this.activity) }),
       );
+      this.touching = touching;
+      const response = await touching;
       nextInMs = response.heartbeatIntervalMs;
       failures = 0;
     } catch (error) {
