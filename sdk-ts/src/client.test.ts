@@ -189,3 +189,47 @@ test("tabs share one stream; when the leading tab closes, the next resumes from 
   assert.deepEqual(requests[1]?.knownVersions, { bob: 1n });
   await Promise.all(tabs.map((tab) => tab.close()));
 });
+
+test("tabs following another tab's stream see its reconnects, with the error's code", async () => {
+  globals.navigator = { locks: new FakeLocks() };
+  let calls = 0;
+  const service = {
+    async *watchContacts() {
+      calls += 1;
+      yield snapshotComplete(0);
+      if (calls === 1) throw new ConnectError("draining", Code.Unavailable);
+      await new Promise(() => {});
+    },
+  };
+  const [leader, follower] = [fakeClient(service), fakeClient(service)];
+  const leaderWatch = leader.watchContacts();
+  await leaderWatch.synced();
+  const followerWatch = follower.watchContacts();
+  const seen: Array<[string, Code | undefined]> = [];
+  followerWatch.onStateChange(({ state, error }) => seen.push([state, error?.code]));
+  await eventually(() => calls === 2 && followerWatch.state === "connected");
+  const reconnecting = seen.find(([state]) => state === "reconnecting");
+  assert.deepEqual(reconnecting, ["reconnecting", Code.Unavailable]);
+  await Promise.all([leader.close(), follower.close()]);
+});
+
+test("an async iterator that falls behind gets the latest presence per contact", async () => {
+  const client = fakeClient({
+    async *watchContacts() {
+      yield presenceEvent("bob", 1);
+      yield presenceEvent("carol", 1);
+      yield presenceEvent("bob", 2);
+      yield presenceEvent("bob", 3);
+      yield snapshotComplete(2);
+      await new Promise(() => {});
+    },
+  });
+  const watch = client.watchContacts();
+  const iterator = watch[Symbol.asyncIterator]();
+  await watch.synced();
+  const seen: WatchUpdate[] = [];
+  for (let i = 0; i < 3; i++) seen.push((await iterator.next()).value as WatchUpdate);
+  assert.deepEqual(versions(seen), ["carol@1", "bob@3", "synced"]);
+  await client.close();
+  assert.equal((await iterator.next()).done, true);
+});
