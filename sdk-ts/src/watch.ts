@@ -121,10 +121,9 @@ export class Watch implements ContactWatch {
       const check = () => {
         if (this.map.synced) resolve();
         else if (this.state === "closed") reject(this.error ?? new PresenceError(Code.Canceled, "watch closed"));
-        else return false;
+        else return;
         unsubscribeState();
         unsubscribeUpdates();
-        return true;
       };
       const unsubscribeState = this.onStateChange(check);
       const unsubscribeUpdates = this.subscribe(check);
@@ -195,10 +194,8 @@ export class Watch implements ContactWatch {
     const update = this.map.apply(event);
     if (update === undefined) return;
     this.broadcast?.({ type: "event", event });
-    for (const listener of [...this.updateListeners]) listener(update);
-    if (update.type !== "synced") {
-      for (const listener of [...this.changeListeners]) listener(this.map.contacts);
-    }
+    notify(this.updateListeners, update);
+    if (update.type !== "synced") notify(this.changeListeners, this.map.contacts);
   }
 
   private setState(change: StateChange): void {
@@ -206,7 +203,7 @@ export class Watch implements ContactWatch {
     this.change = change;
     // A closing tab leaves; the others take over rather than close with it.
     if (change.state !== "closed") this.broadcast?.({ type: "state", change: toTab(change) });
-    for (const listener of [...this.stateListeners]) listener(change);
+    notify(this.stateListeners, change);
   }
 
   /**
@@ -319,6 +316,24 @@ export class Watch implements ContactWatch {
       });
     } catch {
       // Aborted while waiting for the lock: this tab closed as a follower.
+    }
+  }
+}
+
+/**
+ * Calls every listener with `value`. A listener that throws must not break
+ * the stream loop (it would read as a broken stream) nor starve the other
+ * listeners: its error is rethrown on its own, where the app's error
+ * reporting sees it.
+ */
+function notify<T>(listeners: Set<(value: T) => void>, value: T): void {
+  for (const listener of [...listeners]) {
+    try {
+      listener(value);
+    } catch (error) {
+      queueMicrotask(() => {
+        throw error;
+      });
     }
   }
 }
