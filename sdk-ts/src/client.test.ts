@@ -124,7 +124,7 @@ test("Touch heartbeats at the interval the server returns; close disconnects and
     {
       touch(request) {
         touches.push(request.activity);
-        return { heartbeatIntervalMs: 20, leaseMs: 100 };
+        return { heartbeatIntervalMs: 100, leaseMs: 300 };
       },
       disconnect(request) {
         disconnects.push(request.deviceId);

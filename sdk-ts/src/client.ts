@@ -266,7 +266,8 @@ class PresenceClientImpl implements PresenceClient {
       );
       this.touching = touching;
       const response = await touching;
-      nextInMs = response.heartbeatIntervalMs;
+      // A floor, so that a zero from a misconfigured server cannot spin.
+      nextInMs = Math.max(response.heartbeatIntervalMs, 100);
       failures = 0;
     } catch (error) {
       failures += 1;
