@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVER := target/release/presence-server
 
-.PHONY: run build test test-rust test-backends services-up services-down bench bench-full lint fmt help
+.PHONY: run build test test-rust test-ts demo test-backends services-up services-down bench bench-full lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -24,6 +24,15 @@ test: ## install what is missing, start Redis Cluster and Cassandra, run every t
 
 test-rust: ## Rust tests on the embedded backends only (no services needed)
 	$(CARGO) test --workspace
+
+test-ts: ## TypeScript SDK suites (unit, Node, Chromium) against a real server; installs npm packages and Chromium if missing
+	$(if $(PRESENCE_SERVER_BIN),,$(CARGO) build -p presence-server)
+	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(CURDIR)/target/debug/presence-server} sdk-ts/scripts/test.sh
+
+demo: ## the web demo: a server on the embedded backends and a live board at http://localhost:8080/?user=alice
+	$(if $(PRESENCE_SERVER_BIN),,$(CARGO) build -p presence-server)
+	cd sdk-ts && npm ci --no-audit --no-fund && npm run build:test
+	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(CURDIR)/target/debug/presence-server} node sdk-ts/.build/demo/serve.js
 
 test-backends: ## Rust tests against already running services (see services-up)
 	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) \

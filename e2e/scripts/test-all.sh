@@ -51,4 +51,11 @@ PRESENCE_TEST_SCYLLA_NODES="$scylla_nodes" \
 PRESENCE_REQUIRE_BACKENDS=1 \
   cargo test --workspace
 
+step "TypeScript SDK tests (unit, Node, Chromium; Redis Cluster $redis_urls)"
+command -v npm >/dev/null || { echo "npm is missing: install Node.js 20 first" >&2; exit 1; }
+cargo build -p presence-server
+PRESENCE_SERVER_BIN="$repo/target/debug/presence-server" \
+PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
+  sdk-ts/scripts/test.sh
+
 step "all tests passed"
