@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVER := target/release/presence-server
 
-.PHONY: run build test test-rust test-backends services-up services-down bench bench-full lint fmt help
+.PHONY: run build test test-rust test-kotlin test-backends services-up services-down bench bench-full lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -24,6 +24,9 @@ test: ## install what is missing, start Redis Cluster and Cassandra, run every t
 
 test-rust: ## Rust tests on the embedded backends only (no services needed)
 	$(CARGO) test --workspace
+
+test-kotlin: ## Kotlin SDK build and tests against a real server (builds it unless PRESENCE_SERVER_BIN is set)
+	sdk-kotlin/scripts/test.sh
 
 test-backends: ## Rust tests against already running services (see services-up)
 	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) \

@@ -51,4 +51,9 @@ PRESENCE_TEST_SCYLLA_NODES="$scylla_nodes" \
 PRESENCE_REQUIRE_BACKENDS=1 \
   cargo test --workspace
 
+# The script builds the server (already built by the Rust step) unless
+# PRESENCE_SERVER_BIN is set, and downloads Maven and its artifacts on a cold run.
+step "Kotlin SDK tests (Redis Cluster $redis_urls)"
+PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" sdk-kotlin/scripts/test.sh
+
 step "all tests passed"
