@@ -45,11 +45,15 @@ public sealed class PresenceException(
         override val retryable: Boolean get() = true
     }
 
-    /** Any other gRPC status; [retryable] unless the server reported a bug of its own or ours. */
+    /**
+     * Any other gRPC status. [retryable] only for a server-side failure (`INTERNAL`, `DATA_LOSS`);
+     * not for `FAILED_PRECONDITION`, which the server sends when this device's session was taken
+     * over by another connection with the same device id.
+     */
     public class Other(code: Status.Code, message: String, cause: Throwable? = null) :
         PresenceException(code, message, cause) {
         override val retryable: Boolean
-            get() = code != Status.Code.UNIMPLEMENTED && code != Status.Code.FAILED_PRECONDITION
+            get() = code == Status.Code.INTERNAL || code == Status.Code.DATA_LOSS
     }
 
     override fun toString(): String = "${javaClass.simpleName}($code: $message)"
