@@ -71,10 +71,14 @@ internal class Session(
         state.value = ConnectionState.Connecting
         // Failed attempts since the stream last worked; drives the backoff.
         var failures = 0
-        // Whether the last failure already led to a token refresh.
+        // Whether a token refresh was tried since the session last opened.
         var refreshed = false
+        val onOpened = {
+            opened.complete(Unit)
+            refreshed = false
+        }
         while (!stopRequest.isCompleted) {
-            when (val end = runStream(onOpened = { opened.complete(Unit) })) {
+            when (val end = runStream(onOpened)) {
                 StreamEnd.Stopped -> break
                 is StreamEnd.GoAway -> {
                     failures = 0
@@ -94,7 +98,6 @@ internal class Session(
                         state.value = ConnectionState.Closed(error)
                         return
                     }
-                    refreshed = false
                     failures = if (end.healthy) 1 else failures + 1
                     state.value = ConnectionState.Reconnecting(failures, error)
                     pause(config.backoff.delay(failures))
