@@ -7,8 +7,10 @@ import kotlin.time.Duration.Companion.seconds
 import kotlinx.coroutines.CoroutineScope
 import kotlinx.coroutines.SupervisorJob
 import kotlinx.coroutines.cancel
+import kotlinx.coroutines.delay
 import kotlinx.coroutines.launch
 import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Assumptions.assumeTrue
@@ -66,6 +68,8 @@ class ServerRestartTest {
             aliceApp.contacts.await(3.seconds) { it[bob]?.customMessage == "two" }
             val three = bobApp.setStatus(UserStatus.USER_STATUS_ONLINE, "three").version
             aliceApp.contacts.await(3.seconds) { it[bob]?.version == three }
+            // `contacts` is updated just before `changes` emits: let the collector catch up.
+            withTimeout(1.seconds) { while (seen.none { it.version == three }) delay(10) }
 
             val versions = seen.map { it.version }
             assertEquals(versions.sorted().distinct(), versions, "strictly increasing, no duplicate: $versions")
