@@ -6,7 +6,6 @@ import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.flow.MutableSharedFlow
 import kotlinx.coroutines.flow.MutableStateFlow
 import kotlinx.coroutines.flow.update
-import kotlinx.coroutines.selects.select
 import kotlinx.coroutines.withTimeoutOrNull
 
 /**
@@ -50,7 +49,7 @@ internal class ContactsWatch(
             }
             failures += 1
             state.value = WatchState.Reconnecting(failures, error)
-            withTimeoutOrNull(config.backoff.delay(failures)) { select<Unit> { connection.wakeSignal.onAwait {} } }
+            withTimeoutOrNull(config.backoff.delay(failures)) { connection.wakeSignal.await() }
             connection.channel.resetConnectBackoff()
         }
     }
