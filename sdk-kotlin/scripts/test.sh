@@ -27,4 +27,4 @@ if [ -z "${PRESENCE_TEST_REDIS_CLUSTER:-}" ]; then
 fi
 
 cd "$sdk"
-./mvnw -B --no-transfer-progress verify -Dpresence.server.bin="$PRESENCE_SERVER_BIN"
+PRESENCE_SERVER_BIN="$PRESENCE_SERVER_BIN" ./mvnw -B --no-transfer-progress verify

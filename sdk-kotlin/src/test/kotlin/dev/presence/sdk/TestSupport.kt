@@ -42,7 +42,8 @@ fun freePort(): Int = ServerSocket(0).use { it.localPort }
 
 /**
  * A real presence-server process with short timers: beats every 500 ms, lease 2 s, grace 1 s.
- * The binary comes from the system property or env `PRESENCE_SERVER_BIN`.
+ * The binary comes from the system property `presence.server.bin`, else the environment's
+ * `PRESENCE_SERVER_BIN`, else `../target/debug/presence-server` (a `cargo build` of the workspace).
  */
 class TestServer(
     private val extraArgs: List<String> = emptyList(),
@@ -55,8 +56,9 @@ class TestServer(
 
     fun start(): TestServer = apply {
         val binary = System.getProperty("presence.server.bin")?.takeIf { it.isNotBlank() }
-            ?: System.getenv("PRESENCE_SERVER_BIN")
-            ?: error("set PRESENCE_SERVER_BIN to the presence-server binary")
+            ?: System.getenv("PRESENCE_SERVER_BIN")?.takeIf { it.isNotBlank() }
+            // Surefire runs in sdk-kotlin/; cargo builds into the workspace's target/.
+            ?: File("../target/debug/presence-server").absolutePath
         check(File(binary).canExecute()) { "presence-server not found at $binary (build it, or set PRESENCE_SERVER_BIN)" }
         val command = listOf(
             binary, "--dev", "--listen", target,
