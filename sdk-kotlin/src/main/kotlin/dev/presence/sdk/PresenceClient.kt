@@ -106,7 +106,7 @@ public class PresenceClient(
      *   default) keeps the user's current one.
      * @throws PresenceException if the first open fails (nothing keeps running then): a refused
      *   token, an unreachable server, ...
-     * @throws IllegalStateException after [logout] or [close].
+     * @throws IllegalStateException after [logout] or [close], also if they come while connecting.
      */
     public suspend fun connect(status: UserStatus = UserStatus.USER_STATUS_UNSPECIFIED, customMessage: String = "") {
         val opened = CompletableDeferred<Unit>()
@@ -118,7 +118,10 @@ public class PresenceClient(
             }
             val newSession = Session(connection, config, desired, _connectionState)
             session = newSession
-            sessionJob = scope.launch(CoroutineName("presence-session")) { newSession.run(opened) }
+            sessionJob = scope.launch(CoroutineName("presence-session")) { newSession.run(opened) }.apply {
+                // Closed before the open was answered: connect() must not wait forever.
+                invokeOnCompletion { opened.completeExceptionally(IllegalStateException("the client was closed")) }
+            }
         }
         opened.await()
         lifecycle.withLock {
