@@ -6,10 +6,10 @@ import io.grpc.ManagedChannel
 import io.grpc.Metadata
 import io.grpc.okhttp.OkHttpChannelBuilder
 import java.util.concurrent.TimeUnit
-import java.util.concurrent.atomic.AtomicReference
 import kotlinx.coroutines.CancellationException
-import kotlinx.coroutines.CompletableDeferred
-import kotlinx.coroutines.Deferred
+import kotlinx.coroutines.flow.MutableStateFlow
+import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.flow.update
 
 /**
  * The channel, its stubs, and the bearer token: what every call needs. One per client; the
@@ -34,8 +34,11 @@ internal class Connection(private val config: PresenceConfig) {
     @Volatile
     private var refreshToken = false
 
-    /** Completed, and replaced, by [wake]: what backoff waits listen to. */
-    private val wakeUp = AtomicReference(CompletableDeferred<Unit>())
+    /**
+     * How many times [wake] was called. A counter rather than an event, so that a wake arriving
+     * while a reconnect attempt is under way still cuts the backoff after that attempt short.
+     */
+    private val wakeups = MutableStateFlow(0L)
 
     /** The `authorization` header for the next call. */
     suspend fun headers(): Metadata {
@@ -56,11 +59,17 @@ internal class Connection(private val config: PresenceConfig) {
         refreshToken = true
     }
 
-    /** Fires when [wake] is called: the network came back, retry now. */
-    val wakeSignal: Deferred<Unit> get() = wakeUp.get()
+    /** The wake count now: pass it to [awaitWake] to wait for the next one. */
+    val wakeCount: Long get() = wakeups.value
 
+    /** Returns once [wake] was called after the count was [since]. */
+    suspend fun awaitWake(since: Long) {
+        wakeups.first { it != since }
+    }
+
+    /** The network came back: retry now. */
     fun wake() {
-        wakeUp.getAndSet(CompletableDeferred()).complete(Unit)
+        wakeups.update { it + 1 }
         // gRPC keeps its own backoff for failed connection attempts; skip it too.
         channel.resetConnectBackoff()
     }

@@ -30,6 +30,7 @@ internal class ContactsWatch(
         var failures = 0
         var refreshed = false
         while (true) {
+            val wakes = connection.wakeCount
             val error = try {
                 watchOnce(onLive = { failures = 0; refreshed = false })
                 PresenceException.Unavailable("server closed the watch stream")
@@ -49,7 +50,7 @@ internal class ContactsWatch(
             }
             failures += 1
             state.value = WatchState.Reconnecting(failures, error)
-            withTimeoutOrNull(config.backoff.delay(failures)) { connection.wakeSignal.await() }
+            withTimeoutOrNull(config.backoff.delay(failures)) { connection.awaitWake(wakes) }
             connection.channel.resetConnectBackoff()
         }
     }

@@ -9,6 +9,7 @@ import dev.presence.v1.UserStatus
 import kotlinx.coroutines.CancellationException
 import kotlinx.coroutines.CompletableDeferred
 import kotlinx.coroutines.ExperimentalCoroutinesApi
+import kotlinx.coroutines.async
 import kotlinx.coroutines.channels.Channel
 import kotlinx.coroutines.channels.ChannelResult
 import kotlinx.coroutines.coroutineScope
@@ -78,12 +79,13 @@ internal class Session(
             refreshed = false
         }
         while (!stopRequest.isCompleted) {
+            val wakes = connection.wakeCount
             when (val end = runStream(onOpened)) {
                 StreamEnd.Stopped -> break
                 is StreamEnd.GoAway -> {
                     failures = 0
                     state.value = ConnectionState.Reconnecting(1, PresenceException.Unavailable("server draining: ${end.reason}"))
-                    pause(end.wait)
+                    pause(end.wait, wakes)
                 }
                 is StreamEnd.Failed -> {
                     val error = end.error
@@ -100,7 +102,7 @@ internal class Session(
                     }
                     failures = if (end.healthy) 1 else failures + 1
                     state.value = ConnectionState.Reconnecting(failures, error)
-                    pause(config.backoff.delay(failures))
+                    pause(config.backoff.delay(failures), wakes)
                 }
             }
         }
@@ -108,12 +110,19 @@ internal class Session(
         state.value = ConnectionState.Closed(null)
     }
 
-    /** Waits [duration], or less if the app reports the network back or asks to stop. */
-    private suspend fun pause(duration: Duration) {
+    /**
+     * Waits [duration], or less if the app asks to stop or reported the network back since the wake
+     * count was [wakes] (during the attempt that just failed, too).
+     */
+    private suspend fun pause(duration: Duration, wakes: Long) {
         withTimeoutOrNull(duration) {
-            select<Unit> {
-                stopRequest.onAwait {}
-                connection.wakeSignal.onAwait {}
+            coroutineScope {
+                val woken = async { connection.awaitWake(wakes) }
+                select<Unit> {
+                    stopRequest.onAwait {}
+                    woken.onAwait {}
+                }
+                woken.cancel()
             }
         }
         connection.channel.resetConnectBackoff()

@@ -164,6 +164,35 @@ class PresenceClientTest {
     }
 
     @Test
+    fun `a silently dropped network is noticed within the lease on both sides`() = app { app ->
+        val alice = uniqueId("alice")
+        val bob = uniqueId("bob")
+        link(app, alice, bob)
+        TcpProxy(server.port).use { network ->
+            val aliceApp = client(app, alice, target = "127.0.0.1:${network.port}")
+            val bobApp = client(app, bob)
+            aliceApp.connect()
+            bobApp.connect()
+            bobApp.contacts.await(2.seconds) { it.status(alice) == VisibleStatus.VISIBLE_STATUS_ONLINE }
+
+            network.accepting = false
+            network.frozen = true
+            val offline = bobApp.contacts.await((TestServer.LEASE_MS + 1500).milliseconds) {
+                it.status(alice) == VisibleStatus.VISIBLE_STATUS_OFFLINE
+            }.getValue(alice)
+            assertEquals(OfflineReason.OFFLINE_REASON_LEASE_EXPIRED, offline.offlineReason)
+            // No ack within a lease: the SDK gives the stream up by itself.
+            aliceApp.connectionState.await(1.seconds) { it is ConnectionState.Reconnecting }
+
+            network.frozen = false
+            network.cut()
+            network.accepting = true
+            aliceApp.onNetworkAvailable()
+            bobApp.contacts.await(3.seconds) { it.status(alice) == VisibleStatus.VISIBLE_STATUS_ONLINE }
+        }
+    }
+
+    @Test
     fun `reconnecting within the grace period shows no offline to contacts`() = app { app ->
         val alice = uniqueId("alice")
         val bob = uniqueId("bob")

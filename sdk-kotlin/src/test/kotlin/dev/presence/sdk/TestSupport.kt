@@ -109,6 +109,13 @@ class TcpProxy(
 ) : AutoCloseable {
     private val sockets = CopyOnWriteArrayList<Socket>()
 
+    /**
+     * While true, open connections stay open but carry nothing, in either direction: a network
+     * that drops packets silently, which neither side's OS reports.
+     */
+    @Volatile
+    var frozen: Boolean = false
+
     /** While false, new connections are closed at once (the network is down). */
     @Volatile
     var accepting: Boolean = true
@@ -144,7 +151,15 @@ class TcpProxy(
         for ((from, to) in listOf(client to upstream, upstream to client)) {
             thread(isDaemon = true) {
                 try {
-                    from.getInputStream().copyTo(to.getOutputStream(), 16 * 1024)
+                    val input = from.getInputStream()
+                    val output = to.getOutputStream()
+                    val buffer = ByteArray(16 * 1024)
+                    while (true) {
+                        val read = input.read(buffer)
+                        if (read < 0) break
+                        while (frozen && !from.isClosed) Thread.sleep(10)
+                        output.write(buffer, 0, read)
+                    }
                 } catch (_: java.io.IOException) {
                 } finally {
                     from.close()
