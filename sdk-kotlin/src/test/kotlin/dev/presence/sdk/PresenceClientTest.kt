@@ -20,7 +20,6 @@ import kotlinx.coroutines.runBlocking
 import kotlinx.coroutines.withTimeoutOrNull
 import org.junit.jupiter.api.AfterAll
 import org.junit.jupiter.api.Assertions.assertEquals
-import org.junit.jupiter.api.Assertions.assertFalse
 import org.junit.jupiter.api.Assertions.assertInstanceOf
 import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.BeforeAll
@@ -309,7 +308,7 @@ class PresenceClientTest {
             val untrusting = client(app, uniqueId("eve"), target = target, security = TransportSecurity.PlatformTrust)
             val refused = runCatching { untrusting.connect() }.exceptionOrNull()
             assertInstanceOf(PresenceException.Unavailable::class.java, refused)
-            assertFalse((refused as PresenceException).code == Status.Code.OK)
+            assertEquals(Status.Code.UNAVAILABLE, (refused as PresenceException).code)
         }
     }
 
