@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVER := target/release/presence-server
 
-.PHONY: run build test test-rust test-ts demo test-backends services-up services-down bench bench-full lint fmt help
+.PHONY: run build test test-rust test-ts test-kotlin demo test-backends services-up services-down bench bench-full lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -33,6 +33,9 @@ demo: ## the web demo: a server on the embedded backends and a live board at htt
 	$(if $(PRESENCE_SERVER_BIN),,$(CARGO) build -p presence-server)
 	cd sdk-ts && npm ci --no-audit --no-fund && npm run build:test
 	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(CURDIR)/target/debug/presence-server} node sdk-ts/.build/demo/serve.js
+
+test-kotlin: ## Kotlin SDK build and tests against a real server (builds it unless PRESENCE_SERVER_BIN is set)
+	sdk-kotlin/scripts/test.sh
 
 test-backends: ## Rust tests against already running services (see services-up)
 	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) \

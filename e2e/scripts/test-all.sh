@@ -58,4 +58,10 @@ PRESENCE_SERVER_BIN="$repo/target/debug/presence-server" \
 PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
   sdk-ts/scripts/test.sh
 
+# Downloads Maven and its artifacts on a cold run.
+step "Kotlin SDK tests (Redis Cluster $redis_urls)"
+PRESENCE_SERVER_BIN="$repo/target/debug/presence-server" \
+PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
+  sdk-kotlin/scripts/test.sh
+
 step "all tests passed"
