@@ -653,13 +653,9 @@ async fn users_redis_lost_come_back_from_scylla_as_they_left() {
 
 // ------------------------------------------- the choice is durable (issue 8/6)
 
-/// Reads `watch` for `within` and fails if it shows `user_id` with `status`.
-async fn never_shows(
-    watch: &mut Watch,
-    user_id: &str,
-    status: pb::VisibleStatus,
-    within: Duration,
-) {
+/// Reads `watch` for `within` and fails if it shows `user_id` as anything
+/// but offline.
+async fn never_visible(watch: &mut Watch, user_id: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -673,8 +669,8 @@ async fn never_shows(
             Ok(Some(pb::PresenceEvent {
                 event: Some(presence_event::Event::Presence(p)),
             })) => assert!(
-                !(p.user_id == user_id && p.status() == status),
-                "the watch showed {user_id} {status:?}: {p:?}"
+                p.user_id != user_id || p.status() == pb::VisibleStatus::Offline,
+                "the watch showed {user_id} visible: {p:?}"
             ),
             Ok(Some(_)) => {}
             Ok(None) => panic!("the server ended the watch"),
@@ -755,20 +751,8 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
             .expect("a session opens while redis is down");
         devices.push(device);
     }
-    never_shows(
-        &mut watch,
-        &bob,
-        pb::VisibleStatus::Online,
-        Duration::from_secs(1),
-    )
-    .await;
-    never_shows(
-        &mut watch,
-        &dan,
-        pb::VisibleStatus::Online,
-        Duration::from_millis(200),
-    )
-    .await;
+    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
+    never_visible(&mut watch, &dan, Duration::from_millis(200)).await;
     for who in [&bob, &dan] {
         let seen = get_presence(&server, &alice, who).await;
         assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
@@ -799,13 +783,7 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
         );
         assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
     }
-    never_shows(
-        &mut watch,
-        &bob,
-        pb::VisibleStatus::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
     for who in [&bob, &dan] {
         let seen = get_presence(&server, &alice, who).await;
         assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
@@ -846,13 +824,7 @@ async fn invisible_from_the_first_session_stays_hidden_after_redis_restarts_empt
         "{record:?}"
     );
     assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
-    never_shows(
-        &mut watch,
-        &bob,
-        pb::VisibleStatus::Online,
-        Duration::from_secs(2),
-    )
-    .await;
+    never_visible(&mut watch, &bob, Duration::from_secs(2)).await;
     let seen = get_presence(&server, &alice, &bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
     assert!(
@@ -923,13 +895,61 @@ async fn invisible_after_visible_keeps_its_version_after_redis_restarts_empty() 
     assert!(seen.version >= hidden.version, "{seen:?}");
     assert_eq!(seen.last_seen_unix_ms, hidden.last_seen_unix_ms, "{seen:?}");
     assert_eq!(seen.offline_reason(), pb::OfflineReason::Logout, "{seen:?}");
-    never_shows(
-        &mut watch,
-        &bob,
-        pb::VisibleStatus::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
     interruptions.assert_none("bob's heartbeat stream");
+    server.stop().await;
+}
+
+/// Redis restarts empty while ScyllaDB is down too: the node cannot read
+/// the choice of its users, so it re-asserts none of their sessions and
+/// takes no change of them (it would start from the default choice) until
+/// ScyllaDB answers. An invisible user stays hidden throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_stays_hidden_when_redis_restarts_empty_while_scylla_is_down() {
+    let Some((services, _serial)) = setup().await else {
+        return;
+    };
+    let server = services.start_server().await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    befriend(&server, &alice, &[&bob]).await;
+    let mut watch = Watch::open(&server, &alice).await;
+    let device = client(&server, &bob, "bob-watch").await;
+    device
+        .start_session(SessionOptions {
+            status: pb::UserStatus::Invisible,
+            ..SessionOptions::default()
+        })
+        .await
+        .expect("session opens");
+    // Out of the node's buffer: only ScyllaDB knows bob's choice now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let scylla = Outage::begin(&services, Service::Cassandra);
+    Outage::begin(&services, Service::Redis).end();
+    tokio::time::sleep(NODE_LEASE * 2).await;
+    // A change of bob's device while his choice cannot be read.
+    device
+        .set_activity(presence_sdk::Activity::Idle)
+        .expect("activity sent");
+    never_visible(&mut watch, &bob, Duration::from_secs(2)).await;
+    if let Some(record) = services.hot_record(&bob) {
+        assert_eq!(
+            record.chosen,
+            presence_server::domain::ChosenStatus::Invisible,
+            "{record:?}"
+        );
+    }
+
+    scylla.end();
+    let record = reasserted(&services, &bob, "bob-watch").await;
+    assert_eq!(
+        record.chosen,
+        presence_server::domain::ChosenStatus::Invisible,
+        "{record:?}"
+    );
+    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
+    let seen = get_presence(&server, &alice, &bob).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
     server.stop().await;
 }
