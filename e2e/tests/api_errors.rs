@@ -236,6 +236,7 @@ async fn users_cannot_touch_what_is_not_theirs() {
             .list_contacts(authed(
                 pb::ListContactsRequest {
                     user_id: bob.clone(),
+                    ..Default::default()
                 },
                 &alice_token,
             ))
@@ -299,7 +300,10 @@ async fn users_cannot_touch_what_is_not_theirs() {
         .unwrap();
     contacts
         .list_contacts(authed(
-            pb::ListContactsRequest { user_id: bob },
+            pb::ListContactsRequest {
+                user_id: bob,
+                ..Default::default()
+            },
             &admin_token(),
         ))
         .await
@@ -558,7 +562,10 @@ async fn malformed_and_oversized_input_is_refused() {
     assert_code(
         contacts
             .list_contacts(authed(
-                pb::ListContactsRequest { user_id: long_id },
+                pb::ListContactsRequest {
+                    user_id: long_id,
+                    ..Default::default()
+                },
                 &admin_token(),
             ))
             .await,

@@ -489,21 +489,33 @@ impl PresenceClient {
     }
 
     /// A user's contacts, sorted. `None` means the caller's own; anyone
-    /// else's needs the admin scope.
+    /// else's needs the admin scope. Long lists come in pages, which this
+    /// follows to the end.
     pub async fn list_contacts(&self, user_id: Option<&str>) -> Result<Vec<String>, Error> {
-        let request = ListContactsRequest {
-            user_id: user_id.unwrap_or_default().to_owned(),
-        };
-        let lease = self.lease();
-        match self
-            .inner
-            .connector
-            .contacts(&lease)
-            .list_contacts(request)
-            .await
-        {
-            Ok(response) => Ok(response.into_inner().contact_ids),
-            Err(status) => Err(self.unary_failed(&lease, status)),
+        let mut contacts = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = ListContactsRequest {
+                user_id: user_id.unwrap_or_default().to_owned(),
+                page_size: 0,
+                page_token,
+            };
+            let lease = self.lease();
+            let page = match self
+                .inner
+                .connector
+                .contacts(&lease)
+                .list_contacts(request)
+                .await
+            {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Err(self.unary_failed(&lease, status)),
+            };
+            contacts.extend(page.contact_ids);
+            if page.next_page_token.is_empty() {
+                return Ok(contacts);
+            }
+            page_token = page.next_page_token;
         }
     }
 }

@@ -448,6 +448,9 @@ impl ContactsService for Shared {
             .get(&user_id)
             .map(|c| c.iter().cloned().collect())
             .unwrap_or_default();
-        Ok(Response::new(ListContactsResponse { contact_ids }))
+        Ok(Response::new(ListContactsResponse {
+            contact_ids,
+            next_page_token: String::new(),
+        }))
     }
 }

@@ -446,7 +446,33 @@ impl ContactsService for Api {
         };
         convert::id(&user_id, "user_id", &self.node.config.limits)?;
         self.check_acts_for(&caller, &user_id)?;
-        let contact_ids = self.node.list_contacts(&user_id).await?;
-        Ok(Response::new(pb::ListContactsResponse { contact_ids }))
+        let mut contacts = self.node.list_contacts(&user_id).await?;
+        contacts.sort_unstable();
+        let limits = &self.node.config.limits;
+        // A page never exceeds the message limit, whatever the ids' length:
+        // each id costs at most its bytes plus 3 of framing.
+        let fits =
+            (limits.max_message_bytes.saturating_sub(256) / (limits.max_id_bytes + 3)).max(1);
+        let page_size = match request.page_size as usize {
+            0 => fits,
+            asked => asked.min(fits),
+        };
+        // The token is the last id of the previous page: the list is sorted,
+        // so the next page starts after it even if contacts changed between.
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            contacts.partition_point(|id| *id <= request.page_token)
+        };
+        let end = (start + page_size).min(contacts.len());
+        let contact_ids = contacts[start..end].to_vec();
+        let next_page_token = match contact_ids.last() {
+            Some(last) if end < contacts.len() => last.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListContactsResponse {
+            contact_ids,
+            next_page_token,
+        }))
     }
 }
