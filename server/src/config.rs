@@ -130,7 +130,18 @@ pub struct Config {
     )]
     pub jwt_secret: Option<String>,
 
+    /// When set, tokens must carry this `iss` claim.
+    #[arg(long, env = "PRESENCE_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, tokens must name this audience in their `aud` claim.
+    /// Unset: tokens that name any audience are refused (they were issued
+    /// for another service).
+    #[arg(long, env = "PRESENCE_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
     /// Development mode: the built-in secret and the `token` subcommand work.
+    /// Only on a loopback --listen address; logged as a warning at startup.
     #[arg(long, env = "PRESENCE_DEV", global = true)]
     pub dev: bool,
 
@@ -163,6 +174,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub limits: LimitsConfig,
+
+    #[command(flatten)]
+    pub connections: ConnectionLimits,
 
     /// Origins whose pages may call the API from a browser (gRPC-web),
     /// comma-separated, e.g. `https://app.example.com`. Unset: any origin.
@@ -233,20 +247,6 @@ pub struct LimitsConfig {
     )]
     pub max_watches_per_user: usize,
 
-    /// Most heartbeats per second one session may send (bursts of this size
-    /// are allowed).
-    #[arg(
-        long,
-        env = "PRESENCE_MAX_BEATS_PER_SECOND",
-        default_value_t = 5,
-        global = true
-    )]
-    pub max_beats_per_second: u32,
-
-    /// Longest custom message, in bytes.
-    #[arg(
-        long,
-        env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES",
     /// Most open Heartbeat streams per user on one node. A device's newer
     /// stream ends its older one, so this only bounds opens in flight and
     /// clients that open streams without end.
@@ -281,6 +281,20 @@ pub struct LimitsConfig {
     )]
     pub max_user_changes_per_hour: u32,
 
+    /// Most heartbeats per second one session may send (bursts of this size
+    /// are allowed).
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_BEATS_PER_SECOND",
+        default_value_t = 5,
+        global = true
+    )]
+    pub max_beats_per_second: u32,
+
+    /// Longest custom message, in bytes.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_CUSTOM_MESSAGE_BYTES",
         default_value_t = 256,
         global = true
     )]
@@ -296,6 +310,90 @@ pub struct LimitsConfig {
     pub max_id_bytes: usize,
 }
 
+/// What one client connection may hold, and for how long (see
+/// `connections.rs`). A duration of 0 turns that bound off.
+#[derive(Clone, Debug, Args)]
+pub struct ConnectionLimits {
+    /// A connection must send its first request bytes (the HTTP/2 preface,
+    /// or an HTTP/1.1 request head) within this long after it is accepted,
+    /// else it is closed.
+    #[arg(long, env = "PRESENCE_CONN_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub conn_handshake_timeout: Duration,
+
+    /// A connection with no call in progress for this long is closed
+    /// (HTTP/2: with a GOAWAY; clients reconnect when they next call).
+    #[arg(long, env = "PRESENCE_CONN_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub conn_idle_timeout: Duration,
+
+    /// How often the server pings each HTTP/2 connection, to find peers
+    /// that vanished without closing.
+    #[arg(long, env = "PRESENCE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection whose peer does not answer a ping within this long is
+    /// closed.
+    #[arg(long, env = "PRESENCE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// A connection older than this (plus or minus 10% jitter, so that
+    /// connections opened together do not all move at once) is asked to go
+    /// away with a GOAWAY: calls in progress finish, new calls go to a new
+    /// connection. Spreads clients over nodes added since they connected.
+    #[arg(long, env = "PRESENCE_MAX_CONNECTION_AGE", default_value = "30m", value_parser = humantime::parse_duration, global = true)]
+    pub max_connection_age: Duration,
+
+    /// How long calls still open on a connection that was asked to go away
+    /// (max age, idle) may take before the connection is closed. Streams cut
+    /// here are reopened by the SDKs, and their sessions live through the
+    /// reconnect thanks to --grace.
+    #[arg(long, env = "PRESENCE_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub max_connection_age_grace: Duration,
+
+    /// Most client connections this node serves at once. Default: 90% of
+    /// the process's open-files limit, minus --health-connection-reserve.
+    #[arg(long, env = "PRESENCE_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+
+    /// Connections accepted past --max-connections that may still call
+    /// grpc.health.v1.Health/Check (every other call gets
+    /// RESOURCE_EXHAUSTED), so a full node still answers its health checks.
+    /// They are closed after --conn-handshake-timeout without a call.
+    /// Connections past this reserve too are closed at once.
+    #[arg(
+        long,
+        env = "PRESENCE_HEALTH_CONNECTION_RESERVE",
+        default_value_t = 32,
+        global = true
+    )]
+    pub health_connection_reserve: usize,
+
+    /// A call's request body (every call but the client-streaming Heartbeat
+    /// and reflection) must arrive in full within this long; a stalled body
+    /// fails the call with DEADLINE_EXCEEDED and frees its connection.
+    #[arg(long, env = "PRESENCE_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub request_body_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// `--max-connections`, or its default from the open-files limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| {
+            let files = open_files_limit().unwrap_or(1024);
+            // The rest of the files: backend connections, the listener, logs.
+            (files - files / 10)
+                .saturating_sub(self.health_connection_reserve)
+                .max(1)
+        })
+    }
+}
+
+/// The soft limit on open files of this process.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
@@ -306,6 +404,10 @@ pub enum ConfigError {
     DevSecretOutsideDev,
     #[error("--jwt-secret must be at least 32 bytes")]
     ShortSecret,
+    #[error(
+        "--dev refused on {0}: the development secret lets anyone mint tokens, so --dev only listens on a loopback address (127.0.0.1, ::1)"
+    )]
+    DevOnNetwork(SocketAddr),
     #[error("{0}")]
     Invalid(String),
 }
@@ -336,6 +438,23 @@ impl Config {
                 "--cors-origins: {origin:?} is not an origin like https://app.example.com"
             )));
         }
+        let connections = &self.connections;
+        if connections.conn_handshake_timeout.is_zero()
+            || connections.conn_idle_timeout.is_zero()
+            || connections.request_body_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "--conn-handshake-timeout, --conn-idle-timeout and --request-body-timeout must be above zero".into(),
+            ));
+        }
+        if connections.max_connections == Some(0) {
+            return Err(ConfigError::Invalid(
+                "--max-connections must be above zero".into(),
+            ));
+        }
+        if self.dev && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::DevOnNetwork(self.listen));
+        }
         if self.history_buffer == 0 {
             return Err(ConfigError::Invalid(
                 "--history-buffer must be above zero".into(),
@@ -362,7 +481,7 @@ impl Config {
             (Some(secret), false) if secret == DEV_JWT_SECRET => {
                 Err(ConfigError::DevSecretOutsideDev)
             }
-            (Some(secret), false) if secret.len() < 32 => Err(ConfigError::ShortSecret),
+            (Some(secret), _) if secret.len() < 32 => Err(ConfigError::ShortSecret),
             (Some(secret), _) => Ok(secret),
             (None, true) => Ok(DEV_JWT_SECRET),
             (None, false) => Err(ConfigError::NoSecret),
@@ -381,5 +500,55 @@ impl Config {
         } else {
             local + self.node_lease + self.sweep_interval
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["presence-server"];
+        argv.extend_from_slice(args);
+        Cli::parse_from(argv).config
+    }
+
+    #[test]
+    fn dev_mode_is_refused_on_a_network_address() {
+        let error = config(&["--dev", "--listen", "0.0.0.0:50051"])
+            .validate()
+            .unwrap_err();
+        assert!(matches!(error, ConfigError::DevOnNetwork(_)), "{error}");
+        assert!(error.to_string().contains("loopback"), "{error}");
+        config(&["--dev", "--listen", "127.0.0.1:50051"])
+            .validate()
+            .unwrap();
+        config(&["--dev", "--listen", "[::1]:50051"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_in_every_mode() {
+        for args in [
+            &["--jwt-secret", "short"][..],
+            &["--jwt-secret", "short", "--dev"][..],
+        ] {
+            assert!(matches!(
+                config(args).validate(),
+                Err(ConfigError::ShortSecret)
+            ));
+        }
+    }
+
+    #[test]
+    fn the_connection_cap_defaults_below_the_open_files_limit() {
+        let limits = config(&["--dev"]).connections;
+        let files = open_files_limit().unwrap();
+        assert!(limits.max_connections() + limits.health_connection_reserve < files);
+        let set = config(&["--dev", "--max-connections", "7"]).connections;
+        assert_eq!(set.max_connections(), 7);
     }
 }

@@ -14,6 +14,8 @@
 //!   unreachable, and replays them into it when it is back.
 //! - [`watch`]: one WatchContacts stream.
 //! - [`api`]: the gRPC services; the only layer that knows protobuf.
+//! - [`connections`]: accepting and serving client connections, each
+//!   within bounds (handshake, idle, keepalive, age, count, request bodies).
 //! - [`auth`], [`config`], [`telemetry`]: tokens, options, logs.
 //!
 //! [`run`] serves a node on a listener until `shutdown` resolves, then drains.
@@ -21,27 +23,31 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod degraded;
 pub mod domain;
 pub mod hub;
 pub mod leases;
 pub mod metrics;
 pub mod node;
+pub mod quota;
 pub mod store;
 pub mod telemetry;
 pub mod watch;
-pub mod quota;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use presence_proto::v1::contacts_service_server::ContactsServiceServer;
 use presence_proto::v1::presence_service_server::PresenceServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch as signal;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tokio::task::{JoinError, JoinHandle};
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -161,15 +167,24 @@ pub async fn run(
         .node_id
         .clone()
         .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
-    let auth = Arc::new(Authenticator::new(
-        config.jwt_secret()?,
-        config.limits.max_id_bytes,
-    ));
+    if config.dev {
+        tracing::warn!(
+            "development mode (--dev): tokens signed with the public development secret are accepted; never use it in production"
+        );
+    }
+    let auth = Arc::new(
+        Authenticator::new(config.jwt_secret()?, config.limits.max_id_bytes)
+            .with_issuer(config.jwt_issuer.as_deref())
+            .with_audience(config.jwt_audience.as_deref()),
+    );
     let opened = open_backends(&config).await?;
     let node = Node::new(config.clone(), node_id.clone(), opened.backends);
     node.join().await?;
     if let Some(gaps) = opened.fanout_gaps {
-        tokio::spawn(node.clone().refill_watchers_after_gaps(gaps));
+        spawn_critical(
+            "fan-out gap refill",
+            node.clone().refill_watchers_after_gaps(gaps),
+        );
     }
     let api = Api::new(node.clone(), auth);
 
@@ -194,7 +209,11 @@ pub async fn run(
         .max_encoding_message_size(max_message);
 
     let (stop_maintenance, maintenance_stopped) = signal::channel(false);
-    let maintenance = tokio::spawn(node.clone().run_maintenance(maintenance_stopped));
+    // Sweeps and lease renewals: without them sessions never end (ghosts)
+    // and a shared hot store takes the node for lost. If the task dies, the
+    // node stops serving and `run` fails, so the process exits non-zero.
+    let mut maintenance = tokio::spawn(node.clone().run_maintenance(maintenance_stopped));
+    let bounds = connections::Bounds::from_config(&config.connections);
 
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -206,6 +225,7 @@ pub async fn run(
             (true, true) => "embedded",
         },
         staleness_bound_ms = config.staleness_bound().as_millis() as u64,
+        max_connections = bounds.max_connections,
         "presence server ready"
     );
 
@@ -213,19 +233,25 @@ pub async fn run(
     let drain = async move {
         shutdown.await;
         tracing::info!("draining: telling streams to go away");
-        health.set_not_serving::<PresenceServiceServer<Api>>().await;
+        // Every name a checker may ask for, "" (the whole server) included.
+        for service in ["", PRESENCE_SERVICE, CONTACTS_SERVICE] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         draining_node.start_draining();
     };
 
-    let serving = Server::builder()
-        // No client needs more; a bound keeps one connection from holding
-        // unbounded streams.
-        .max_concurrent_streams(1024)
-        // hyper's defaults (1 MiB per stream) let a peer park 1 MiB on every
-        // stream the node is slow to read; presence messages are tiny.
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .accept_http1(true)
+    let routes = Routes::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(presence)
+        .add_service(contacts)
+        .clone()
+        .routes()
+        .prepare();
+    let service = tower::ServiceBuilder::new()
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
             TraceLayer::new_for_grpc()
@@ -235,21 +261,18 @@ pub async fn run(
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(cors(&config.cors_origins))
         .layer(tonic_web::GrpcWebLayer::new())
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(presence)
-        .add_service(contacts)
-        .serve_with_incoming_shutdown(incoming(listener), drain);
+        .service(routes);
+    let serving = connections::serve(listener, service, bounds, drain);
     // Streams we do not own (health watches, reflection) never end by
     // themselves: past the deadline the remaining connections are dropped.
     let drained = node.drained();
     let deadline = config.grace + DRAIN_STRAGGLERS;
     tokio::select! {
-        served = serving => served?,
+        () = serving => {}
         _ = async { drained.await; tokio::time::sleep(deadline).await } => {
             tracing::warn!(?deadline, "connections still open after the drain deadline, closing them");
         }
+        stopped = &mut maintenance => return Err(task_stopped("maintenance", stopped)),
     }
 
     // Sessions linger through the grace period; a client that reconnected
@@ -257,7 +280,9 @@ pub async fn run(
     node.wait_for_leases(config.grace + config.sweep_interval * 2)
         .await;
     stop_maintenance.send_replace(true);
-    maintenance.await?;
+    if let Err(error) = maintenance.await {
+        return Err(task_stopped("maintenance", Err(error)));
+    }
     node.leave().await;
     // Changes made while draining may still be buffered for the durable store.
     if let Some(buffer) = opened.history_buffer
@@ -267,6 +292,56 @@ pub async fn run(
     }
     tracing::info!(sessions_left = node.session_count(), "drained");
     Ok(())
+}
+
+const PRESENCE_SERVICE: &str = "presence.v1.PresenceService";
+const CONTACTS_SERVICE: &str = "presence.v1.ContactsService";
+
+/// Why a task that should run as long as the node ended early.
+pub fn task_stopped(name: &str, outcome: Result<(), JoinError>) -> anyhow::Error {
+    let error = match outcome {
+        Ok(()) => anyhow::anyhow!("the {name} task stopped"),
+        Err(error) if error.is_panic() => {
+            let panic = error.into_panic();
+            anyhow::anyhow!("the {name} task panicked: {}", panic_message(&*panic))
+        }
+        Err(error) => anyhow::anyhow!("the {name} task was cancelled: {error}"),
+    };
+    tracing::error!(error = %error, "a task the node depends on is gone");
+    error
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Spawns a task the node cannot keep its promises without (fan-out
+/// subscriptions, refills after fan-out gaps). If it panics, the process
+/// aborts: a node that silently stopped receiving changes or renewing leases
+/// would serve stale presence, while an aborted one is restarted by its
+/// supervisor and its sessions move to other nodes.
+pub fn spawn_critical<F>(name: &'static str, task: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(async move {
+        match AssertUnwindSafe(task).catch_unwind().await {
+            Ok(output) => output,
+            Err(panic) => {
+                tracing::error!(
+                    task = name,
+                    panic = panic_message(&*panic),
+                    "a background task panicked, aborting the process"
+                );
+                std::process::abort()
+            }
+        }
+    })
 }
 
 /// Every call gets a span with its method and request id (the caller's
@@ -311,12 +386,20 @@ fn cors(origins: &[String]) -> CorsLayer {
         .max_age(Duration::from_secs(24 * 60 * 60))
 }
 
-/// Accepted connections. TCP_NODELAY: acks, events and replies are small
-/// frames, and Nagle would hold each one back until the peer's delayed ACK
-/// (~40 ms on Linux), which showed as the p99 of every latency. Keepalive
-/// reclaims the sockets of peers that vanished without a FIN.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(60)))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_maintenance_task_is_reported_as_an_error() {
+        let handle = tokio::spawn(async { panic!("sweep failed") });
+        let error = task_stopped("maintenance", handle.await);
+        assert_eq!(
+            error.to_string(),
+            "the maintenance task panicked: sweep failed"
+        );
+        let handle = tokio::spawn(async {});
+        let error = task_stopped("maintenance", handle.await);
+        assert_eq!(error.to_string(), "the maintenance task stopped");
+    }
 }

@@ -13,9 +13,17 @@ async fn main() -> ExitCode {
     if let Some(Command::Token { user, admin, ttl }) = &cli.command {
         return match cli.config.jwt_secret() {
             Ok(secret) => {
+                let config = &cli.config;
                 println!(
                     "{}",
-                    presence_server::auth::mint(secret, user, *admin, *ttl)
+                    presence_server::auth::mint_for(
+                        secret,
+                        user,
+                        *admin,
+                        *ttl,
+                        config.jwt_issuer.as_deref(),
+                        config.jwt_audience.as_deref(),
+                    )
                 );
                 ExitCode::SUCCESS
             }

@@ -3,6 +3,7 @@
 //! standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Metrics are served for
 //! Prometheus when `--metrics-listen` is set.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -43,8 +44,14 @@ pub fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
     let otel = tracer_provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer().with_tracer(provider.tracer("presence-server"))
     });
+    // Colours only on a terminal: escape codes in a log file or a log
+    // collector are noise.
+    let colours = std::io::stdout().is_terminal();
     let (text, json) = match format {
-        LogFormat::Text => (Some(tracing_subscriber::fmt::layer()), None),
+        LogFormat::Text => (
+            Some(tracing_subscriber::fmt::layer().with_ansi(colours)),
+            None,
+        ),
         LogFormat::Json => (None, Some(tracing_subscriber::fmt::layer().json())),
     };
     tracing_subscriber::registry()

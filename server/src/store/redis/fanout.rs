@@ -161,7 +161,15 @@ impl RedisFanOut {
         let client = ClusterClientBuilder::new(options.urls.clone())
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(move |push: PushInfo| {
-                handler.on_push(push);
+                // This runs on the Redis client's own task, which a panic
+                // would end silently, and with it every event to this node.
+                let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    handler.on_push(push)
+                }));
+                if delivered.is_err() {
+                    tracing::error!("the fan-out subscriber panicked, aborting the process");
+                    std::process::abort();
+                }
                 Ok::<(), std::convert::Infallible>(())
             })
             .connection_timeout(options.op_timeout)
@@ -196,7 +204,12 @@ impl RedisFanOut {
             }
         };
         let (stop, stopped) = watch::channel(());
-        let keeper = tokio::spawn(subscription.clone().keep(client, conn, round, stopped));
+        // A keeper that died would leave lost channels lost for good: a
+        // panic in it takes the process down instead.
+        let keeper = crate::spawn_critical(
+            "fan-out keeper",
+            subscription.clone().keep(client, conn, round, stopped),
+        );
         Ok((
             Arc::new(RedisFanOut {
                 redis,
