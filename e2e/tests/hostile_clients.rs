@@ -231,6 +231,38 @@ async fn a_connection_past_its_max_age_goes_away_after_its_calls_complete() {
 }
 
 #[tokio::test]
+async fn sessions_and_watches_outlive_their_connections_max_age_without_flicker() {
+    let server = TestServer::start_with(&[
+        "--max-connection-age",
+        "1s",
+        "--max-connection-age-grace",
+        "200ms",
+    ])
+    .await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    support::befriend(&server, &alice, &[&bob]).await;
+    let watcher = support::client(&server, &alice, "alice-laptop").await;
+    let mut watch = support::ContactWatch::open(&watcher, &bob).await;
+    let bob_phone = support::client(&server, &bob, "bob-phone").await;
+    bob_phone
+        .start_session(presence_sdk::SessionOptions::default())
+        .await
+        .unwrap();
+    watch.sees(presence_sdk::VisibleStatus::Online).await;
+    let reconnects = support::Interruptions::watch(&bob_phone);
+    // Three max ages: every connection, the session's and the watch's, is
+    // cut at least twice; the SDK moves on and alice sees nothing.
+    watch.assert_quiet(Duration::from_millis(3500)).await;
+    let reconnects = reconnects.seen();
+    println!("bob's session moved to a new connection: {reconnects:?}");
+    assert!(
+        !reconnects.is_empty(),
+        "the max age never cut the session's stream"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn past_the_connection_cap_only_health_checks_are_answered() {
     let server =
         TestServer::start_with(&["--max-connections", "3", "--health-connection-reserve", "2"])
