@@ -20,6 +20,23 @@ pub const BACKEND_ERRORS: &str = "presence_backend_errors_total";
 pub const HISTORY_BUFFERED: &str = "presence_history_buffered_rows";
 
 pub fn describe() {
+    // Connection bounds (connections.rs).
+    describe_gauge!(
+        "presence_connections_open",
+        "client connections open on this node"
+    );
+    describe_counter!(
+        "presence_connections_refused_total",
+        "connections closed as they were accepted, by reason (cap: past --max-connections and the health reserve)"
+    );
+    describe_counter!(
+        "presence_connections_closed_total",
+        "connections the node closed, by reason (handshake_timeout, idle, max_age)"
+    );
+    describe_counter!(
+        "presence_request_body_timeouts_total",
+        "calls failed because their request body did not arrive within --request-body-timeout"
+    );
     describe_gauge!(SESSIONS, "live device sessions held by this node");
     describe_gauge!(WATCH_STREAMS, "open WatchContacts streams on this node");
     describe_gauge!(
