@@ -591,6 +591,34 @@ mod tests {
     }
 
     #[test]
+    fn every_change_carrying_a_choice_is_one_to_save() {
+        let status = Some((ChosenStatus::Invisible, String::new()));
+        let set = Mutation::SetStatus {
+            chosen: ChosenStatus::Online,
+            custom_message: String::new(),
+        };
+        let open = |status| Mutation::Open {
+            session: session("phone", 7),
+            status,
+        };
+        let beat = |status| Mutation::Update {
+            session: session("phone", 7),
+            activity: Some(Activity::Idle),
+            status,
+        };
+        assert!(chooses(&set));
+        assert!(chooses(&open(status.clone())) && !chooses(&open(None)));
+        assert!(chooses(&beat(status.clone())) && !chooses(&beat(None)));
+        assert!(chooses(&Mutation::Replay(vec![beat(None), set])));
+        assert!(!chooses(&Mutation::Replay(vec![beat(None)])));
+        let touch = Mutation::Touch {
+            session: session("phone", 7),
+            activity: None,
+        };
+        assert!(!chooses(&touch));
+    }
+
+    #[test]
     fn a_status_change_on_a_node_without_the_users_sessions_keeps_them_visible() {
         let mut record = rebuild(
             seen(last(VisibleStatus::Online, None, "")),
