@@ -399,6 +399,47 @@ async fn a_whole_body_that_arrives_in_time_is_answered_over_http1() {
 }
 
 #[tokio::test]
+async fn an_http1_keep_alive_connection_lives_until_the_idle_timeout() {
+    let server = TestServer::start_with(&[
+        "--conn-handshake-timeout",
+        "300ms",
+        "--conn-idle-timeout",
+        "1500ms",
+    ])
+    .await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let closed = tokio::spawn(connection);
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .header("host", "localhost")
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(Full::new(grpc_frame(&HealthCheckRequest {
+            service: String::new(),
+        })))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("an idle HTTP/1.1 connection still open after 5 s")
+        .unwrap()
+        .unwrap();
+    let idle = start.elapsed();
+    println!(
+        "idle HTTP/1.1 keep-alive connection closed after {idle:?} (--conn-idle-timeout 1500ms, handshake 300ms)"
+    );
+    assert!(
+        idle >= Duration::from_millis(1400),
+        "closed by the handshake timeout: {idle:?}"
+    );
+    assert!(idle < Duration::from_millis(2500), "{idle:?}");
+}
+
+#[tokio::test]
 async fn health_marks_every_service_not_serving_while_draining() {
     let mut server = TestServer::start().await;
     let mut watches = Vec::new();

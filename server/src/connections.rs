@@ -8,8 +8,8 @@
 //!
 //! - **handshake**: a connection that has not sent its first 24 bytes (the
 //!   HTTP/2 preface; any HTTP/1.1 request head is longer) within
-//!   `--conn-handshake-timeout` is dropped. HTTP/1.1 request heads get the
-//!   same timeout from hyper.
+//!   `--conn-handshake-timeout` is dropped. Later HTTP/1.1 request heads
+//!   must arrive within the idle timeout (hyper's header read timeout).
 //! - **idle**: a connection with no call in progress for
 //!   `--conn-idle-timeout` is asked to go away (GOAWAY).
 //! - **keepalive**: HTTP/2 pings every `--http2-keepalive-interval`; a peer
@@ -204,10 +204,14 @@ impl Drop for Slot {
 
 fn http_builder(bounds: &Bounds) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper times every request head from the end of the previous response,
+    // so this is also how long an HTTP/1.1 connection may wait between
+    // calls: the idle timeout, not the handshake one. The first request's
+    // head is bounded by the handshake rule.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(bounds.handshake_timeout);
+        .header_read_timeout(bounds.idle_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
