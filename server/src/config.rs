@@ -447,6 +447,13 @@ impl Config {
                 "--conn-handshake-timeout, --conn-idle-timeout and --request-body-timeout must be above zero".into(),
             ));
         }
+        if !connections.http2_keepalive_interval.is_zero()
+            && connections.http2_keepalive_timeout.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "--http2-keepalive-timeout must be above zero while pings are on (--http2-keepalive-interval 0 turns them off)".into(),
+            ));
+        }
         if connections.max_connections == Some(0) {
             return Err(ConfigError::Invalid(
                 "--max-connections must be above zero".into(),
