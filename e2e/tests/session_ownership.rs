@@ -143,3 +143,38 @@ async fn a_user_changing_their_presence_too_fast_is_refused() {
     presence.set_status(set(5)).await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn streams_end_when_their_token_expires_and_a_fresh_token_keeps_the_session() {
+    let mut fixture = AliceWatchesBob::start().await;
+    // Valid for a second, plus the server's leeway for clock skew.
+    let short = presence_server::auth::mint(
+        presence_server::config::DEV_JWT_SECRET,
+        &fixture.bob,
+        false,
+        Duration::from_secs(1),
+    );
+    let mut stream =
+        RawSession::open_with_token(fixture.server.presence().await, &short, "laptop").await;
+    fixture.watch.sees(pb::VisibleStatus::Online).await;
+    let beating = {
+        let outbound = stream.outbound.clone();
+        tokio::spawn(async move {
+            for seq in 1.. {
+                tokio::time::sleep(support::HEARTBEAT).await;
+                if outbound.send(session_beat(seq)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let status = ended_with(&mut stream).await;
+    beating.abort();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), "token expired");
+    // Back at once with a fresh token: the session lingered, contacts saw
+    // nothing.
+    let _again = RawSession::open(fixture.server.presence().await, &fixture.bob, "laptop").await;
+    fixture.watch.assert_quiet(support::GRACE * 2).await;
+    fixture.server.stop().await;
+}

@@ -79,6 +79,7 @@ pub fn watch(
     };
     let watcher = node.backends.hub.register(&caller.user_id, viewer, !named);
     let drained = node.drained();
+    let expired = tokio::time::sleep(caller.valid_for());
     Ok(async_stream::try_stream! {
         let mut registration = Registration { node: node.clone(), watcher: watcher.clone(), watched: HashSet::new(), _slot: slot };
         let users = if named {
@@ -108,15 +109,20 @@ pub fn watch(
         crate::metrics::snapshot(users.len());
         yield WatchEvent::SnapshotComplete { watched: users.len() as u32 };
         tokio::pin!(drained);
+        tokio::pin!(expired);
 
         loop {
             let batch = tokio::select! {
-                batch = watcher.next_batch() => Some(batch),
-                _ = &mut drained => None,
+                batch = watcher.next_batch() => Ok(batch),
+                _ = &mut drained => Err(ApiError::Unavailable("this node is draining, reconnect to another".into())),
+                () = &mut expired => Err(ApiError::Unauthenticated("token expired".into())),
             };
-            let Some(batch) = batch else {
-                Err::<(), _>(ApiError::Unavailable("this node is draining, reconnect to another".into()))?;
-                return;
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(end) => {
+                    Err::<(), _>(end)?;
+                    return;
+                }
             };
             for (user, pending) in batch {
                 match pending {

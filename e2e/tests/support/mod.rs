@@ -317,16 +317,22 @@ pub struct RawSession {
 impl RawSession {
     /// Opens a session of `user` on `device` through `presence`'s connection.
     pub async fn open(
-        mut presence: PresenceServiceClient<Channel>,
+        presence: PresenceServiceClient<Channel>,
         user: &str,
+        device: &str,
+    ) -> RawSession {
+        Self::open_with_token(presence, &token(user), device).await
+    }
+
+    /// Opens a session on `device` for whoever `token` names.
+    pub async fn open_with_token(
+        mut presence: PresenceServiceClient<Channel>,
+        token: &str,
         device: &str,
     ) -> RawSession {
         let (outbound, rx) = tokio::sync::mpsc::channel(8);
         outbound.send(session_open(device)).await.unwrap();
-        let request = authed(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &token(user),
-        );
+        let request = authed(tokio_stream::wrappers::ReceiverStream::new(rx), token);
         let mut inbound = presence.heartbeat(request).await.unwrap().into_inner();
         let opened = inbound.message().await.unwrap().unwrap();
         assert!(matches!(

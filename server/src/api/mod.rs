@@ -129,10 +129,15 @@ impl PresenceService for Api {
             );
             let drained = node.drained();
             tokio::pin!(drained);
+            let expired = tokio::time::sleep(caller.valid_for());
+            tokio::pin!(expired);
             loop {
                 let message = tokio::select! {
                     biased;
-                    why = &mut ended => Err(why.unwrap_or(StreamEnd::Replaced)),
+                    why = &mut ended => Err(stream_ended(why.unwrap_or(StreamEnd::Replaced))),
+                    // The session lingers through the grace period: a client
+                    // back with a fresh token keeps it.
+                    () = &mut expired => Err(ApiError::Unauthenticated("token expired".into())),
                     _ = &mut drained => {
                         yield pb::HeartbeatResponse {
                             response: Some(pb::heartbeat_response::Response::GoAway(pb::GoAway {
@@ -146,8 +151,8 @@ impl PresenceService for Api {
                 };
                 let message = match message {
                     Ok(message) => message,
-                    Err(why) => {
-                        Err(stream_ended(why))?;
+                    Err(end) => {
+                        Err(end)?;
                         return;
                     }
                 };
