@@ -28,7 +28,8 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server URLs (`http://host:port`). Calls go to one at a time; whenever
+    /// Server URLs: `http://host:port` for plaintext, `https://host:port` for
+    /// TLS (to a gateway that terminates it, or to a server with TLS). Calls go to one at a time; whenever
     /// the session or a watch has to reconnect (the node failed or sent a
     /// go-away because it drains) the client moves on to the next one, round
     /// robin. Default: `["http://127.0.0.1:50051"]`.
@@ -66,6 +67,66 @@ pub struct ClientConfig {
     /// lists into requests of at most this many ids; match the server's
     /// `max-batch`. Default: 100.
     pub max_batch: usize,
+    /// TLS settings for `https://` endpoints; ignored for `http://` ones.
+    /// Default: the system's root certificates, no client certificate.
+    pub tls: TlsConfig,
+}
+
+/// How `https://` endpoints are verified, and how this client proves who it
+/// is when the server asks (mTLS). All certificates and keys are PEM text,
+/// not paths, so they can come from a file, a secret store or a test.
+///
+/// ```
+/// use presence_sdk::{ClientConfig, TlsConfig};
+///
+/// # let ca_pem = String::new();
+/// let config = ClientConfig {
+///     endpoints: vec!["https://presence.example.com:443".into()],
+///     tls: TlsConfig {
+///         ca_cert_pem: Some(ca_pem),        // e.g. std::fs::read_to_string("ca.pem")?
+///         ..TlsConfig::default()
+///     },
+///     ..ClientConfig::default()
+/// };
+/// # let _ = config;
+/// ```
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// The CA certificate(s) (PEM, one or more) that `https://` endpoints
+    /// must chain to, **instead of** the system's roots: a private CA at the
+    /// gateway, or a test CA. A private PKI is not widened to every public
+    /// CA, and a minimal container without a CA bundle still works.
+    /// Default: `None` (the system's roots).
+    pub ca_cert_pem: Option<String>,
+    /// The client certificate chain (PEM) for mutual TLS, sent when the
+    /// server asks for one. Needs [`client_key_pem`](Self::client_key_pem).
+    /// Default: `None`.
+    pub client_cert_pem: Option<String>,
+    /// The private key (PEM) of [`client_cert_pem`](Self::client_cert_pem).
+    /// Default: `None`.
+    pub client_key_pem: Option<String>,
+    /// The name the server's certificate must carry, when it differs from
+    /// the endpoint's host (e.g. connecting to an IP address). Default:
+    /// `None` (the endpoint's host).
+    pub domain_name: Option<String>,
+}
+
+// Manual, so that a key never ends up in a log line.
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|_| "<pem>"))
+            .field(
+                "client_cert_pem",
+                &self.client_cert_pem.as_ref().map(|_| "<pem>"),
+            )
+            .field(
+                "client_key_pem",
+                &self.client_key_pem.as_ref().map(|_| "<redacted>"),
+            )
+            .field("domain_name", &self.domain_name)
+            .finish()
+    }
 }
 
 impl Default for ClientConfig {
@@ -80,6 +141,7 @@ impl Default for ClientConfig {
             keepalive_interval: Some(Duration::from_secs(30)),
             backoff: Backoff::default(),
             max_batch: 100,
+            tls: TlsConfig::default(),
         }
     }
 }

@@ -13,9 +13,9 @@ use presence_proto::v1::presence_service_client::PresenceServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::{ClientConfig, Error};
+use crate::{ClientConfig, Error, TlsConfig};
 
 /// The generated presence stub over our channel and interceptor.
 pub(crate) type PresenceStub = PresenceServiceClient<InterceptedService<Channel, Auth>>;
@@ -61,6 +61,36 @@ fn bearer(token: Option<&str>) -> Result<Option<MetadataValue<Ascii>>, Error> {
         .transpose()
 }
 
+/// The rustls settings of `https://` endpoints: the configured CA instead of
+/// the system's roots, and the client identity for mTLS.
+fn client_tls(tls: &TlsConfig) -> Result<ClientTlsConfig, Error> {
+    let mut config = ClientTlsConfig::new();
+    config = match &tls.ca_cert_pem {
+        Some(pem) => {
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(Error::Config("the CA certificate is not PEM".to_owned()));
+            }
+            config.ca_certificate(Certificate::from_pem(pem))
+        }
+        None => config.with_native_roots(),
+    };
+    match (&tls.client_cert_pem, &tls.client_key_pem) {
+        (Some(cert), Some(key)) => {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Config(
+                "mTLS needs both a client certificate and its key".to_owned(),
+            ));
+        }
+    }
+    if let Some(name) = &tls.domain_name {
+        config = config.domain_name(name.clone());
+    }
+    Ok(config)
+}
+
 /// The channel in use and where it points.
 struct Current {
     /// Index into `Connector::endpoints`.
@@ -104,6 +134,15 @@ impl Connector {
                     .connect_timeout(config.connect_timeout)
                     .timeout(config.request_timeout)
                     .tcp_nodelay(true);
+                if endpoint.uri().scheme_str() == Some("https") {
+                    endpoint = endpoint
+                        .tls_config(client_tls(&config.tls)?)
+                        .map_err(|e| Error::Config(format!("bad TLS settings for {url:?}: {e}")))?;
+                } else if config.tls.client_cert_pem.is_some() {
+                    return Err(Error::Config(format!(
+                        "a client certificate is configured but {url:?} is not https://"
+                    )));
+                }
                 if let Some(interval) = config.keepalive_interval {
                     endpoint = endpoint
                         .http2_keep_alive_interval(interval)
@@ -265,6 +304,42 @@ mod tests {
         let bad_url = ClientConfig::with_endpoint("not a url");
         assert!(matches!(
             Connector::endpoints(&bad_url),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
+    fn tls_settings_are_checked_before_any_io() {
+        let https = |tls: TlsConfig| ClientConfig {
+            tls,
+            ..ClientConfig::with_endpoint("https://127.0.0.1:1")
+        };
+        let not_pem = https(TlsConfig {
+            ca_cert_pem: Some("hello".into()),
+            ..TlsConfig::default()
+        });
+        assert!(matches!(
+            Connector::endpoints(&not_pem),
+            Err(Error::Config(_))
+        ));
+        let cert_without_key = https(TlsConfig {
+            client_cert_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            ..TlsConfig::default()
+        });
+        assert!(matches!(
+            Connector::endpoints(&cert_without_key),
+            Err(Error::Config(_))
+        ));
+        let mtls_over_plaintext = ClientConfig {
+            tls: TlsConfig {
+                client_cert_pem: Some("c".into()),
+                client_key_pem: Some("k".into()),
+                ..TlsConfig::default()
+            },
+            ..ClientConfig::with_endpoint("http://127.0.0.1:1")
+        };
+        assert!(matches!(
+            Connector::endpoints(&mtls_over_plaintext),
             Err(Error::Config(_))
         ));
     }

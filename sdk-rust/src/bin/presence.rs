@@ -11,20 +11,43 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use presence_sdk::{
     Activity, ClientConfig, DEFAULT_ENDPOINT, OfflineReason, Platform, Presence, PresenceClient,
-    PresenceUpdate, SessionOptions, SessionState, UserStatus, VisibleStatus,
+    PresenceUpdate, SessionOptions, SessionState, TlsConfig, UserStatus, VisibleStatus,
 };
 
 /// Watch and set online presence from a terminal.
 #[derive(Debug, Parser)]
 #[command(name = "presence", version)]
 struct Cli {
-    /// Server URL; several, comma-separated, are tried in turn on reconnect.
+    /// Server URL (`http://` or `https://`); several, comma-separated, are
+    /// tried in turn on reconnect.
     #[arg(long, env = "PRESENCE_SERVER", default_value = DEFAULT_ENDPOINT, value_delimiter = ',', global = true)]
     server: Vec<String>,
     /// Bearer token, a JWT (`presence-server --dev token --user ID` mints
     /// one for a development server).
     #[arg(long, env = "PRESENCE_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// PEM file of the CA that `https://` servers' certificates must chain
+    /// to, instead of the system's roots (a private CA at the gateway).
+    #[arg(long, env = "PRESENCE_CA_CERT", value_name = "PEM", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
+    /// PEM file of this client's certificate, for mutual TLS.
+    #[arg(
+        long,
+        env = "PRESENCE_CLIENT_CERT",
+        value_name = "PEM",
+        requires = "client_key",
+        global = true
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    /// PEM file of the key of `--client-cert`.
+    #[arg(
+        long,
+        env = "PRESENCE_CLIENT_KEY",
+        value_name = "PEM",
+        requires = "client_cert",
+        global = true
+    )]
+    client_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -154,10 +177,25 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The contents of an optional PEM file named by a flag.
+fn read_pem(flag: &str, path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(|path| {
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+    })
+    .transpose()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = TlsConfig {
+        ca_cert_pem: read_pem("--ca-cert", cli.ca_cert.as_deref())?,
+        client_cert_pem: read_pem("--client-cert", cli.client_cert.as_deref())?,
+        client_key_pem: read_pem("--client-key", cli.client_key.as_deref())?,
+        domain_name: None,
+    };
     let mut config = ClientConfig {
         endpoints: cli.server,
         token: cli.token,
+        tls,
         ..ClientConfig::default()
     };
     if let Command::Online {
