@@ -6,7 +6,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SERVER := target/release/presence-server
 
-.PHONY: run build test test-rust test-ts test-kotlin demo test-backends services-up services-down bench bench-full lint fmt help
+.PHONY: run build test test-rust test-ts test-kotlin demo test-backends services-up services-down bench bench-full soak lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -55,6 +55,9 @@ bench: ## quick benchmark (one node, embedded backends, a few minutes); see BENC
 
 bench-full: ## every benchmark profile, incl. 100k connections on Redis Cluster (about an hour)
 	e2e/bench/run.sh full
+
+soak: ## chaos soak: 20k sessions killed/replaced/logged out at random on 2 nodes + Redis Cluster, one node kill -9'd; 0 ghosts (30 min; SOAK_DURATION=10m to shorten)
+	e2e/bench/run.sh soak
 
 lint: ## formatting and clippy
 	$(CARGO) fmt --all --check

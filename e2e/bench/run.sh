@@ -14,6 +14,11 @@
 #   e2e/bench/run.sh redis-100k   100k real TCP connections: 7 nodes on one Redis
 #                                 Cluster, 6 generator processes from 127.0.0.2-7
 #   e2e/bench/run.sh full         `make bench-full`: all of the above
+#   e2e/bench/run.sh soak         `make soak`: the chaos soak (not part of `full`):
+#                                 2 nodes on a Redis Cluster, SOAK_SESSIONS clients
+#                                 killed, reconnected, replaced and logged out at
+#                                 random for SOAK_DURATION, one node kill -9'd and
+#                                 restarted; at the end 0 ghosts and 0 missing
 #   e2e/bench/run.sh smoke        seconds: checks the pipeline end to end
 #
 # Environment:
@@ -27,6 +32,17 @@
 #   COMPARE        "name=/path/to/presence-server ..." to compare builds: every
 #                  run round runs each of them in turn (so machine load hits
 #                  them alike), and each gets its own medians
+#
+# The soak (one run; RUNS does not apply):
+#   SOAK_DURATION    chaos duration (default 30m)
+#   SOAK_SESSIONS    users, one device session each (default 20000)
+#   SOAK_CHAOS_RATE  chaos actions per second (default 50)
+#   SOAK_KILL_AT     seconds into the chaos when node 1 is kill -9'd (default 1/3)
+#   SOAK_DOWN        how long it stays down before its restart (default 15s)
+#   SOAK_PORT        first node port (default 55000; metrics on +100)
+#   SOAK_REDIS_PORT  Redis Cluster base port (default 7500)
+#   SOAK_TIMERS      the nodes' timers (default: lease 6s, beats every 2s,
+#                    grace 1s, node lease 3s, sweep 500ms)
 #
 # This machine caps a process at 20,000 open files: one process holds at most
 # ~19k sockets, so 100k connections take several server and generator
@@ -276,10 +292,98 @@ profile_redis_100k() {
     --ramp-concurrency 128 --settle 10s --beats-only 15s --duration 30s
 }
 
+# The chaos soak: 2 nodes on a Redis Cluster, one generator process whose
+# clients are killed, reconnected, replaced and logged out at random; node 1
+# is kill -9'd at SOAK_KILL_AT and restarted (same --node-id, port and
+# timers) SOAK_DOWN later, while its clients reconnect to node 0. The
+# generator samples VmRSS (through pid files this script rewrites on a
+# restart), the nodes' presence_sessions gauge and the users shown online
+# every 10 s, and compares the users shown online with its live clients once
+# the staleness bound has passed.
+profile_soak() {
+  local duration=${SOAK_DURATION:-30m} sessions=${SOAK_SESSIONS:-20000} rate=${SOAK_CHAOS_RATE:-50}
+  local port=${SOAK_PORT:-55000} down=${SOAK_DOWN:-15s}
+  local timers=${SOAK_TIMERS:---lease 6s --heartbeat-interval 2s --grace 1s --node-lease 3s --sweep-interval 500ms}
+  local dir secs kill_at i pid targets=() metrics=() pidfiles=() status=0
+  export REDIS_CLUSTER_BASE_PORT=${SOAK_REDIS_PORT:-7500}
+  export REDIS_CLUSTER_DIR=$repo/.run/soak-redis-cluster
+  secs=$(python3 -c "import sys; print(int(float(sys.argv[1])))" "$(humantime_secs "$duration")")
+  kill_at=${SOAK_KILL_AT:-$((secs / 3))}
+  start_cluster
+  e2e/scripts/redis-cluster.sh flushall >/dev/null 2>&1
+  dir=$(new_dir soak)
+  {
+    echo "soak: duration $duration, sessions $sessions, chaos $rate/s, node 1 killed at +${kill_at}s of the chaos for $down"
+    echo "node timers: $timers"
+  } >>"$dir/machine.txt"
+  # shellcheck disable=SC2086  # timers is a word list on purpose
+  soak_node() {
+    local i=$1 log=$2
+    start_server $((port + i)) "$log" --redis-cluster "$REDIS_URLS" --node-id "soak-$i" \
+      --metrics-listen "127.0.0.1:$((port + 100 + i))" $timers
+  }
+  for i in 0 1; do
+    pid=$(soak_node "$i" "$dir/server-$i.log")
+    server_pids+=("$pid")
+    echo "$pid" >"$dir/node-$i.pid"
+    targets+=("127.0.0.1:$((port + i))")
+    metrics+=("127.0.0.1:$((port + 100 + i))")
+    pidfiles+=("$dir/node-$i.pid")
+  done
+  log "soak: nodes ${server_pids[*]} on ${targets[*]}; chaos $duration over $sessions sessions (load $(cut -d' ' -f1 /proc/loadavg))"
+  # shellcheck disable=SC2086
+  "$LOADGEN" soak --label soak --target "$(joined "${targets[@]}")" --metrics "$(joined "${metrics[@]}")" \
+    --server-pid-file "$(joined "${pidfiles[@]}")" --sessions "$sessions" --chaos-rate "$rate" \
+    --duration "$duration" --json "$dir/soak.json" $LOADGEN_FLAGS \
+    >"$dir/soak.txt" 2>"$dir/soak.progress" &
+  loadgen_pids=($!)
+  local lg=$!
+  # Wait for the chaos to start, then for the kill point.
+  until grep -q '^\[soak\] chaos for' "$dir/soak.progress" 2>/dev/null; do
+    kill -0 "$lg" 2>/dev/null || break
+    sleep 1
+  done
+  if kill -0 "$lg" 2>/dev/null; then
+    sleep "$kill_at"
+    pid=${server_pids[1]}
+    echo "$(date -Is) kill -9 node 1 (pid $pid)" >>"$dir/events.log"
+    log "soak: kill -9 node 1 (pid $pid)"
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    cp "$dir/server-1.log" "$dir/server-1.killed.log"
+    sleep "$(humantime_secs "$down")"
+    pid=$(soak_node 1 "$dir/server-1.log")
+    server_pids[1]=$pid
+    echo "$pid" >"$dir/node-1.pid"
+    echo "$(date -Is) node 1 restarted (pid $pid)" >>"$dir/events.log"
+    log "soak: node 1 restarted (pid $pid)"
+  fi
+  wait "$lg" || status=$?
+  loadgen_pids=()
+  stop_servers
+  echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$dir/machine.txt"
+  cat "$dir/soak.txt"
+  log "soak: server warnings and errors: $(cat "$dir"/server-*.log | grep -ciE ' (warn|error) ' || true) (grep -iE ' (warn|error) ' $dir/server-*.log)"
+  log "soak: report in $dir"
+  [ "$status" = 0 ] || die "soak: the users shown online differ from the live clients (exit $status)"
+}
+
+# Seconds of a duration like 30m, 90s, 1h, 1500ms.
+humantime_secs() {
+  python3 - "$1" <<'PY'
+import re, sys
+units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+total = 0.0
+for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", sys.argv[1]):
+    total += float(n) * units[u]
+print(total)
+PY
+}
+
 main() {
   local profile=${1:-}
   case $profile in
-    smoke | quick | mux-100k | beats-25k | churn | churn-redis | redis-100k) ;;
+    smoke | quick | mux-100k | beats-25k | churn | churn-redis | redis-100k | soak) ;;
     full) ;;
     -h | --help | help | '')
       sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'

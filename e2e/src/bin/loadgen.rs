@@ -2,6 +2,7 @@
 //!
 //!   loadgen run --sessions 5000 --connections 500 --watchers 250 --contacts 20 \
 //!       --change-rate 200 --get-rate 500 --server-pid $(pgrep -n presence-server) --json out.json
+//!   loadgen soak --target 127.0.0.1:55000,127.0.0.1:55001 --sessions 20000 --duration 30m
 //!   loadgen merge --json run.json proc-*.json      # processes of one run
 //!   loadgen median --markdown run-1.json run-2.json run-3.json
 
@@ -41,6 +42,26 @@ fn execute(command: Command) -> anyhow::Result<()> {
             // Do not wait for tasks still winding down (streams the server
             // never closed): the figures are out.
             runtime.shutdown_background();
+        }
+        Command::Soak(cfg) => {
+            let cfg = *cfg;
+            cfg.validate()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if cfg.threads > 0 {
+                runtime.worker_threads(cfg.threads);
+            }
+            let runtime = runtime.enable_all().build()?;
+            let json = cfg.json.clone();
+            let report = runtime.block_on(loadgen::chaos::run(cfg))?;
+            if let Some(path) = json {
+                report.write(&path)?;
+            }
+            print!("{}", loadgen::chaos::table(&report));
+            runtime.shutdown_background();
+            anyhow::ensure!(
+                report.clean(),
+                "the users shown online differ from the live clients (see the check above)"
+            );
         }
         Command::Merge { json, files } => {
             let mut processes = Vec::new();

@@ -28,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Run a load against server nodes and report what was measured.
     Run(Box<RunConfig>),
+    /// The chaos soak: sessions killed, reconnected, replaced and logged out
+    /// at random for a long while, then every user shown online is checked
+    /// against the clients that are live (no ghosts, none missing).
+    Soak(Box<SoakConfig>),
     /// Merge the reports of the processes of one multi-process run into one.
     Merge {
         /// Where to write the merged report (JSON).
@@ -265,6 +269,136 @@ impl RunConfig {
         anyhow::ensure!(
             self.change_rate >= 0.0 && self.get_rate >= 0.0 && self.ramp_rate >= 0.0,
             "rates cannot be negative"
+        );
+        Ok(())
+    }
+}
+
+/// The chaos soak (`loadgen soak`): one device session per user, held as a
+/// raw heartbeat stream, and a random chaos loop over them; see
+/// `loadgen::chaos`.
+///
+/// The timeline: connect, open every session (the ramp), chaos for
+/// --duration (a node may be killed and restarted meanwhile, from outside),
+/// then the live clients keep beating for --settle-after (at least the
+/// server's staleness bound) and every user shown online is compared with
+/// the generator's own truth.
+#[derive(Clone, Debug, Args)]
+pub struct SoakConfig {
+    /// Server nodes (host:port), comma-separated. Sessions start spread over
+    /// them; a client whose stream breaks reconnects to any node that answers.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    pub target: Vec<SocketAddr>,
+
+    /// Users, each with one device session.
+    #[arg(long, default_value_t = 20_000)]
+    pub sessions: usize,
+
+    /// HTTP/2 connections per node the streams are multiplexed over.
+    #[arg(long, default_value_t = 100)]
+    pub connections_per_node: usize,
+
+    /// Chaos actions per second, each on one random user (kill, reconnect,
+    /// replace, logout, status change; see --weights).
+    #[arg(long, default_value_t = 50.0)]
+    pub chaos_rate: f64,
+
+    /// Relative weights of kill, reconnect, replace, logout and status,
+    /// comma-separated. Reconnect picks a killed or logged-out client, the
+    /// others a live one.
+    #[arg(long, value_delimiter = ',', default_value = "3,4,3,1,2")]
+    pub weights: Vec<u32>,
+
+    /// How long the chaos runs.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Memory is "after warm-up" from this long after the ramp on (and this
+    /// long after a node restarted, for that node).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// After the chaos: how long the live clients keep beating before the
+    /// check. Must cover the server's staleness bound (lease + sweep + node
+    /// lease + sweep).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub settle_after: Duration,
+
+    /// Sample memory, sessions and users shown online this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+
+    /// Files holding the current pid of each node, comma-separated (rewritten
+    /// by whoever restarts a node): VmRSS per node is sampled from them.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid_file: Vec<PathBuf>,
+
+    /// Each node's metrics listener (host:port), comma-separated, in the
+    /// order of --target: the presence_sessions gauge is sampled from it.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Vec<SocketAddr>,
+
+    /// Local addresses the connections bind to, used round-robin.
+    #[arg(long, value_delimiter = ',')]
+    pub source_ip: Vec<IpAddr>,
+
+    /// Prefix of every user id.
+    #[arg(long, default_value = "soak")]
+    pub user_prefix: String,
+
+    /// Secret the server verifies tokens with. Default: the development secret.
+    #[arg(long, env = "PRESENCE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// A stream the server should have ended (the old one of a replaced
+    /// device, or a logged-out one) but left open for 10 s: keep it open and
+    /// beating until the end, as a client that was never told would, instead
+    /// of dropping it. It no longer counts as a live client either way.
+    #[arg(long)]
+    pub keep_unended: bool,
+
+    /// Session opens in flight at most (the ramp, and a reconnect storm
+    /// after a node dies).
+    #[arg(long, default_value_t = 256)]
+    pub open_concurrency: usize,
+
+    /// Client codec buffer per stream, in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub client_buffer: usize,
+
+    /// Write the report (JSON) here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// A name for the run, carried into the report.
+    #[arg(long, default_value = "soak")]
+    pub label: String,
+
+    /// Worker threads. 0: one per core.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl SoakConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.target.is_empty(), "--target needs at least one node");
+        anyhow::ensure!(self.sessions > 0, "--sessions must be above zero");
+        anyhow::ensure!(
+            self.connections_per_node > 0,
+            "--connections-per-node must be above zero"
+        );
+        anyhow::ensure!(self.chaos_rate >= 0.0, "--chaos-rate cannot be negative");
+        anyhow::ensure!(
+            self.weights.len() == 5 && self.weights.iter().any(|w| *w > 0),
+            "--weights needs 5 weights (kill, reconnect, replace, logout, status), not all 0"
+        );
+        anyhow::ensure!(
+            self.metrics.is_empty() || self.metrics.len() == self.target.len(),
+            "--metrics needs one address per --target"
+        );
+        anyhow::ensure!(
+            !self.sample_every.is_zero(),
+            "--sample-every must be above zero"
         );
         Ok(())
     }

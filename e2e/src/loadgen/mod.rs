@@ -17,6 +17,7 @@
 //! each phase through a [`barrier::Barrier`]; their reports merge exactly.
 
 pub mod barrier;
+pub mod chaos;
 pub mod config;
 pub mod net;
 pub mod probe;
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-pub use config::{Cli, Command, RunConfig};
+pub use config::{Cli, Command, RunConfig, SoakConfig};
 pub use report::{MedianReport, ProcessReport, RunReport};
 
 use barrier::Barrier;
