@@ -369,13 +369,44 @@ pub struct ServerNode {
 impl ServerNode {
     /// Spawns a node and waits until it serves.
     pub async fn start(cluster: &RedisCluster, test: &str, name: &str) -> ServerNode {
+        Self::start_at(cluster, test, name, None).await
+    }
+
+    /// Spawns a node listening on `addr` (a free port if `None`) and waits
+    /// until it serves: a node restarted in place, the way a deploy replaces
+    /// one behind a load balancer that lists fixed addresses.
+    pub async fn start_at(
+        cluster: &RedisCluster,
+        test: &str,
+        name: &str,
+        addr: Option<SocketAddr>,
+    ) -> ServerNode {
+        Self::start_with(cluster, test, name, addr, &[]).await
+    }
+
+    /// Like [`start_at`](Self::start_at), with some of the test flags set to
+    /// other values (`("--grace", "1s")`), or flags added.
+    pub async fn start_with(
+        cluster: &RedisCluster,
+        test: &str,
+        name: &str,
+        addr: Option<SocketAddr>,
+        overrides: &[(&str, String)],
+    ) -> ServerNode {
+        let mut args = server_args(&cluster.seeds());
+        for (flag, value) in overrides {
+            match args.iter().position(|arg| arg == flag) {
+                Some(at) => args[at + 1] = value.clone(),
+                None => args.extend([flag.to_string(), value.clone()]),
+            }
+        }
         let binary = server_binary();
         let node_id = format!("{test}-{name}-{:06x}", rand::random::<u32>() & 0xff_ffff);
         let log = log_dir().join(format!("{test}-{name}.log"));
         // A port taken between our probe and the server's bind makes the
         // server exit at once: then try another.
         for attempt in 1..=3 {
-            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let addr: SocketAddr = addr.unwrap_or_else(|| ([127, 0, 0, 1], free_port()).into());
             let file = File::create(&log).expect("create the node log");
             let mut command = Command::new(&binary);
             // The flags say everything; no PRESENCE_* variable of the caller's
@@ -387,7 +418,7 @@ impl ServerNode {
             }
             let child = command
                 .args(["--listen", &addr.to_string(), "--node-id", &node_id])
-                .args(server_args(&cluster.seeds()))
+                .args(&args)
                 .stdin(Stdio::null())
                 .stdout(file.try_clone().expect("clone the log file"))
                 .stderr(file)
