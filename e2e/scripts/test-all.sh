@@ -24,9 +24,15 @@ step "checking toolchains"
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 cargo --version
 
-step "installing services (Redis, Cassandra) if missing"
+step "installing services (Redis, Cassandra, nginx) if missing"
 e2e/scripts/redis-cluster.sh install
 e2e/scripts/cassandra.sh install
+# nginx for the gateway tests (e2e/tests/gateway.rs), each of which starts
+# and stops its own gateway through e2e/scripts/gateway.sh.
+e2e/scripts/gateway.sh install
+
+step "deployment artefacts (Dockerfile, Kubernetes, systemd, nginx)"
+deploy/check.sh
 
 # Cassandra takes the longest to come up: start it in the background while
 # the Redis Cluster starts and the tests compile.
