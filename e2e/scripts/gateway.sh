@@ -202,7 +202,7 @@ cmd_start() {
     sleep 0.1
   done
   [ "$(healthz)" = ok ] || die "nginx started but /healthz does not answer; see $RUN_DIR/logs/error.log"
-  log "nginx (pid $(pid_of)) on $(url), upstreams: $(grep -c '^ *server .*max_fails' "$RUN_DIR/nginx.conf"), CA $RUN_DIR/tls/ca.pem"
+  log "nginx (pid $(pid_of)) on $(url), upstreams: $(grep '^ *server .*max_fails' "$RUN_DIR/nginx.conf" | sort -u | wc -l), CA $RUN_DIR/tls/ca.pem"
   url
 }
 
@@ -220,7 +220,7 @@ cmd_status() {
   pid=$(pid_of)
   if [ -z "$pid" ]; then log "not running ($RUN_DIR)"; return 1; fi
   log "running: pid $pid, $(url), run dir $RUN_DIR"
-  grep '^ *server .*max_fails' "$RUN_DIR/nginx.conf" | sed 's/^ */gateway: upstream /' >&2
+  grep '^ *server .*max_fails' "$RUN_DIR/nginx.conf" | sort -u | sed 's/^ */gateway: upstream /' >&2
   log "/healthz: $(healthz || echo 'no answer')"
 }
 

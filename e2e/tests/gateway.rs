@@ -262,6 +262,65 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
     })
     .await
     .unwrap();
+    // A gRPC-web WatchContacts stream (browsers: HTTP/1.1) flows through the
+    // gateway unbuffered: bob's login reaches alice's open stream.
+    let watch_out = gateway.dir.join("grpc-web-watch.out");
+    let mut web_watch = Command::new("curl")
+        .args(["-sS", "-N", "--http1.1", "--max-time", "20", "--cacert"])
+        .arg(gateway.dir.join("tls/ca.pem"))
+        .args([
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc-web+proto",
+            "-H",
+            "x-grpc-web: 1",
+            "-H",
+            &format!("authorization: Bearer {}", token(&alice)),
+            "--data-binary",
+            &data,
+            "-o",
+        ])
+        .arg(&watch_out)
+        .arg(format!(
+            "{}/presence.v1.PresenceService/WatchContacts",
+            gateway.url()
+        ))
+        .spawn()
+        .expect("curl runs");
+    let size = || std::fs::metadata(&watch_out).map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    while size() == 0 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let snapshot = size();
+    assert!(snapshot > 0, "the gRPC-web watch delivers its snapshot");
+    let bob_device = sdk_client(&gateway, token(&bob), "bob-laptop").await;
+    let started = Instant::now();
+    bob_device
+        .start_session(SessionOptions::default())
+        .await
+        .unwrap();
+    while size() == snapshot && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered = started.elapsed();
+    assert!(
+        web_watch.try_wait().unwrap().is_none(),
+        "the gRPC-web stream is still open"
+    );
+    assert!(
+        size() > snapshot,
+        "bob's login reached the open gRPC-web stream through the gateway"
+    );
+    let _ = web_watch.kill();
+    let _ = web_watch.wait();
+    println!(
+        "gRPC-web watch over HTTP/1.1 through the gateway: snapshot {snapshot} B, bob's login (its session open included) delivered within {delivered:?}"
+    );
+    bob_device.end_session().await.unwrap();
+
     let refused = anonymous.get_one(&bob).await.unwrap_err();
     assert!(
         matches!(refused, presence_sdk::Error::Unauthenticated(_)),
@@ -557,6 +616,10 @@ async fn a_rolling_restart_through_the_gateway_shows_no_one_offline_and_a_killed
     }
     let mut raw_tasks = Vec::new();
     for (i, user) in users.iter().enumerate().skip(sdk_sessions) {
+        // Devices come online over a second or two, not in one instant.
+        if i % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         raw_tasks.push(tokio::spawn(raw_session(
             channels[i % RAW_CONNECTIONS].clone(),
             user.clone(),
@@ -568,10 +631,17 @@ async fn a_rolling_restart_through_the_gateway_shows_no_one_offline_and_a_killed
     let mut devices = Vec::new();
     for user in &users[..sdk_sessions] {
         let device = sdk_client(&gateway, token(user), &format!("{user}-sdk")).await;
-        device
-            .start_session(SessionOptions::default())
-            .await
-            .unwrap();
+        // A node still busy with the other sessions' opens may answer
+        // UNAVAILABLE; an app retries, and so does this one.
+        let mut tries = 0;
+        while let Err(error) = device.start_session(SessionOptions::default()).await {
+            tries += 1;
+            assert!(
+                tries < 20 && error.is_retryable(),
+                "{user} cannot open: {error:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         track_sdk_session(&device, sdk_stats.clone());
         devices.push(device);
     }
