@@ -372,6 +372,19 @@ pub struct ConnectionLimits {
     /// fails the call with DEADLINE_EXCEEDED and frees its connection.
     #[arg(long, env = "PRESENCE_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub request_body_timeout: Duration,
+
+    /// Bytes one HTTP/2 stream may hold queued for a peer that does not take
+    /// them. Past it the stream is not pulled any more, and a watch stream's
+    /// updates are coalesced (latest state per contact) until the peer reads
+    /// again: a client that stops reading its watches costs this much per
+    /// stream, not every change it missed.
+    #[arg(
+        long,
+        env = "PRESENCE_STREAM_SEND_BUFFER",
+        default_value_t = 4 * 1024,
+        global = true
+    )]
+    pub stream_send_buffer: usize,
 }
 
 impl ConnectionLimits {

@@ -86,6 +86,11 @@ pub struct Bounds {
     pub max_concurrent_streams: u32,
     pub initial_stream_window: u32,
     pub initial_connection_window: u32,
+    /// Bytes a stream may have queued for a peer that does not take them.
+    /// hyper's default, 400 KB, let 1,000 stalled watch streams grow the
+    /// node by ~7 MB/s toward 400 MB plus per-frame overhead
+    /// (`e2e/tests/stalled_watchers.rs`); at 4 KB they hold ~18 MB, flat.
+    pub stream_send_buffer: usize,
 }
 
 impl Bounds {
@@ -109,6 +114,7 @@ impl Bounds {
             // tiny.
             initial_stream_window: 64 * 1024,
             initial_connection_window: 1024 * 1024,
+            stream_send_buffer: limits.stream_send_buffer,
         }
     }
 }
@@ -218,6 +224,7 @@ fn http_builder(bounds: &Bounds) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(bounds.max_concurrent_streams)
         .initial_stream_window_size(bounds.initial_stream_window)
         .initial_connection_window_size(bounds.initial_connection_window)
+        .max_send_buf_size(bounds.stream_send_buffer)
         .keep_alive_interval(bounds.keepalive_interval)
         .keep_alive_timeout(bounds.keepalive_timeout);
     builder
