@@ -24,6 +24,8 @@
 #   GATEWAY_REQ_PER_SEC    new calls per second per client address (default 1000)
 #   GATEWAY_REQ_BURST      burst above that rate, served at once (default 5000)
 #   GATEWAY_WORKERS        nginx worker processes (default 1)
+#   GATEWAY_MTLS           1: clients must present a certificate signed by the test CA
+#                          (<run dir>/tls/client.pem and client.key are one)
 #
 # The certificate is for "localhost" and 127.0.0.1, signed by a throw-away CA:
 # <run dir>/tls/ca.pem is what clients trust (the SDK's TlsConfig::ca_cert_pem,
@@ -41,6 +43,7 @@ CONN_PER_IP=${GATEWAY_CONN_PER_IP:-10000}
 REQ_PER_SEC=${GATEWAY_REQ_PER_SEC:-1000}
 REQ_BURST=${GATEWAY_REQ_BURST:-5000}
 WORKERS=${GATEWAY_WORKERS:-1}
+MTLS=${GATEWAY_MTLS:-0}
 NGINX=${NGINX:-nginx}
 
 log() { printf 'gateway: %s\n' "$*" >&2; }
@@ -49,7 +52,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 
 validate_env() {
   local name value
-  for name in PORT CONN_PER_IP REQ_PER_SEC REQ_BURST WORKERS; do
+  for name in PORT CONN_PER_IP REQ_PER_SEC REQ_BURST WORKERS MTLS; do
     value=${!name}
     case $value in '' | *[!0-9]*) die "GATEWAY_$name must be a number, got '$value'" ;; esac
   done
@@ -116,7 +119,7 @@ pid_of() {
 # per run dir and reused by later starts.
 make_certs() {
   local tls=$RUN_DIR/tls
-  [ -s "$tls/server.pem" ] && [ -s "$tls/ca.pem" ] && return 0
+  [ -s "$tls/server.pem" ] && [ -s "$tls/ca.pem" ] && [ -s "$tls/client.pem" ] && return 0
   mkdir -p "$tls"
   log "generating a test CA and server certificate in $tls"
   openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=presence test CA" \
@@ -131,6 +134,15 @@ make_certs() {
   openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
     -CAcreateserial -days 7 -extfile "$tls/server.ext" -out "$tls/server.pem" 2>/dev/null ||
     die "openssl could not sign the server certificate"
+  # A client certificate from the same CA, for mTLS (GATEWAY_MTLS=1).
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=presence test client" \
+    -keyout "$tls/client.key" -out "$tls/client.csr" 2>/dev/null ||
+    die "openssl could not make the client key"
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=clientAuth" >"$tls/client.ext"
+  openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+    -CAcreateserial -days 7 -extfile "$tls/client.ext" -out "$tls/client.pem" 2>/dev/null ||
+    die "openssl could not sign the client certificate"
   chmod 600 "$tls"/*.key
 }
 
@@ -158,17 +170,22 @@ write_config() {
   # As root, the workers would run as nobody and could not write the run
   # dir; run them as the caller instead.
   [ "$(id -u)" -eq 0 ] && user_directive="user root;"
+  local client_verify="# Client certificates: not asked for (GATEWAY_MTLS=1 requires them)."
+  if [ "$MTLS" = 1 ]; then
+    client_verify="ssl_client_certificate $RUN_DIR/tls/ca.pem; ssl_verify_client on;"
+  fi
   local streams=1000 nofile=20000
   local worker_connections=$((nofile - 100))
   awk -v run="$RUN_DIR" -v listen="$HOST:$PORT" -v cert="$RUN_DIR/tls/server.pem" \
     -v key="$RUN_DIR/tls/server.key" -v servers="$servers" -v user="$user_directive" \
     -v workers="$WORKERS" -v nofile="$nofile" -v wc="$worker_connections" -v streams="$streams" \
-    -v conn="$CONN_PER_IP" -v rate="$REQ_PER_SEC" -v burst="$REQ_BURST" '
+    -v conn="$CONN_PER_IP" -v rate="$REQ_PER_SEC" -v burst="$REQ_BURST" -v verify="$client_verify" '
     {
       gsub(/@RUN_DIR@/, run); gsub(/@LISTEN@/, listen); gsub(/@CERT@/, cert); gsub(/@KEY@/, key)
       gsub(/@USER_DIRECTIVE@/, user); gsub(/@WORKERS@/, workers); gsub(/@NOFILE@/, nofile)
       gsub(/@WORKER_CONNECTIONS@/, wc); gsub(/@STREAMS_PER_CONN@/, streams)
       gsub(/@CONN_PER_IP@/, conn); gsub(/@REQ_PER_SEC@/, rate); gsub(/@REQ_BURST@/, burst)
+      gsub(/@CLIENT_VERIFY@/, verify)
       if ($0 ~ /@UPSTREAM_SERVERS@/) { print servers; next }
       print
     }' "$TEMPLATE" >"$RUN_DIR/nginx.conf.new"
@@ -179,7 +196,9 @@ write_config() {
 }
 
 healthz() {
-  curl -sS --max-time 2 --cacert "$RUN_DIR/tls/ca.pem" "https://$HOST:$PORT/healthz" 2>/dev/null
+  # The client certificate is sent in case GATEWAY_MTLS=1 requires one.
+  curl -sS --max-time 2 --cacert "$RUN_DIR/tls/ca.pem" --cert "$RUN_DIR/tls/client.pem" \
+    --key "$RUN_DIR/tls/client.key" "https://$HOST:$PORT/healthz" 2>/dev/null
 }
 
 url() { printf 'https://%s:%s\n' "$HOST" "$PORT"; }
@@ -201,7 +220,10 @@ cmd_start() {
     [ "$(healthz)" = ok ] && break
     sleep 0.1
   done
-  [ "$(healthz)" = ok ] || die "nginx started but /healthz does not answer; see $RUN_DIR/logs/error.log"
+  if [ "$(healthz)" != ok ]; then
+    kill -TERM "$(pid_of)" 2>/dev/null || true
+    die "nginx started but /healthz does not answer (stopped it again); see $RUN_DIR/logs/error.log"
+  fi
   log "nginx (pid $(pid_of)) on $(url), upstreams: $(grep '^ *server .*max_fails' "$RUN_DIR/nginx.conf" | sort -u | wc -l), CA $RUN_DIR/tls/ca.pem"
   url
 }

@@ -339,6 +339,33 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
         "a certificate from an unknown CA is refused"
     );
 
+    // mTLS: a gateway that requires client certificates refuses the SDK
+    // without one and serves it with the test CA's client certificate.
+    let mtls = Gateway::start(&addrs, &[("GATEWAY_MTLS", "1".into())]);
+    let read = |name: &str| std::fs::read_to_string(mtls.dir.join("tls").join(name)).unwrap();
+    let without = sdk_client(&mtls, admin_token(), "ops").await;
+    let refused = without.list_contacts(Some(&alice)).await;
+    assert!(refused.is_err(), "no client certificate: {refused:?}");
+    let with = PresenceClient::connect(ClientConfig {
+        endpoints: vec![mtls.url()],
+        token: Some(admin_token()),
+        tls: TlsConfig {
+            ca_cert_pem: Some(mtls.ca_pem()),
+            client_cert_pem: Some(read("client.pem")),
+            client_key_pem: Some(read("client.key")),
+            ..TlsConfig::default()
+        },
+        ..ClientConfig::default()
+    })
+    .await
+    .expect("the SDK connects with its client certificate");
+    assert_eq!(
+        with.list_contacts(Some(&alice)).await.unwrap(),
+        vec![bob.clone()],
+        "served over mTLS"
+    );
+    drop(mtls);
+
     // A client address past its stream limit gets RESOURCE_EXHAUSTED.
     let limited = Gateway::start(&addrs, &[("GATEWAY_CONN_PER_IP", "2".into())]);
     let channel = limited.channel().await;
@@ -360,7 +387,7 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
         .expect_err("past the limit");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     println!(
-        "gateway basics: TLS, /healthz, gRPC health, gRPC-web over HTTP/1.1 and HTTP/2, SDK over https, per-address limit: ok"
+        "gateway basics: TLS, /healthz, gRPC health, gRPC-web over HTTP/1.1 and HTTP/2, SDK over https, mTLS, per-address limit: ok"
     );
     drop(open);
 }
