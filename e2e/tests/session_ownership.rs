@@ -178,3 +178,68 @@ async fn streams_end_when_their_token_expires_and_a_fresh_token_keeps_the_sessio
     fixture.watch.assert_quiet(support::GRACE * 2).await;
     fixture.server.stop().await;
 }
+
+/// A client whose tokens live a second (plus the server's leeway) and that
+/// fetches a fresh one from its provider whenever the server refuses one.
+async fn short_lived_client(server: &TestServer, user: &str) -> presence_sdk::PresenceClient {
+    let mint = {
+        let user = user.to_owned();
+        move || {
+            presence_server::auth::mint(
+                presence_server::config::DEV_JWT_SECRET,
+                &user,
+                false,
+                Duration::from_secs(1),
+            )
+        }
+    };
+    presence_sdk::PresenceClient::connect(presence_sdk::ClientConfig {
+        endpoints: vec![server.url()],
+        token: Some(mint()),
+        token_provider: Some(presence_sdk::TokenProvider::new(move || {
+            let token = mint();
+            async move { Ok(token) }
+        })),
+        device_id: "laptop".to_owned(),
+        ..presence_sdk::ClientConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_sdk_outlives_its_tokens_without_a_flicker() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (user("alice"), user("bob"));
+    support::befriend(&server, &alice, &[&bob]).await;
+    let bob_device = short_lived_client(&server, &bob).await;
+    bob_device
+        .start_session(presence_sdk::SessionOptions::default())
+        .await
+        .unwrap();
+    let watcher = short_lived_client(&server, &alice).await;
+    let mut watch = support::ContactWatch::open(&watcher, &bob).await;
+    assert_eq!(watch.snapshot[0].status(), pb::VisibleStatus::Online);
+    // Past both tokens' expiry (1 s plus the server's 5 s leeway): both
+    // streams were ended and reopened with fresh tokens meanwhile.
+    let mut states = bob_device.session_state();
+    let mut reconnected = false;
+    let quiet = tokio::time::timeout(Duration::from_secs(9), async {
+        loop {
+            states.changed().await.unwrap();
+            if let presence_sdk::SessionState::Reconnecting { reason, .. } = &*states.borrow() {
+                assert!(reason.contains("token expired"), "{reason}");
+                reconnected = true;
+            }
+        }
+    });
+    let (_, ()) = tokio::join!(quiet, watch.assert_quiet(Duration::from_secs(9)));
+    assert!(reconnected, "the session's token never expired");
+    // Still live both ways: a change reaches the watcher.
+    bob_device
+        .set_status(pb::UserStatus::Busy, "after the refresh")
+        .await
+        .unwrap();
+    watch.sees(pb::VisibleStatus::Busy).await;
+    server.stop().await;
+}

@@ -1,10 +1,13 @@
 //! The client's configuration: one struct, every option with its default.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use presence_proto::v1::Platform;
 
-use crate::Backoff;
+use crate::{Backoff, Error};
 
 /// The endpoint used when none is configured.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
@@ -39,6 +42,13 @@ pub struct ClientConfig {
     /// later with [`PresenceClient::set_token`](crate::PresenceClient::set_token).
     /// Default: `None`.
     pub token: Option<String>,
+    /// Where a fresh token comes from when the server says the current one
+    /// expired (streams end with UNAUTHENTICATED "token expired" when their
+    /// token does). The session and watches then fetch one and reconnect at
+    /// once, within the server's grace period, so contacts see no offline
+    /// flicker; without a provider they end with
+    /// [`Error::Unauthenticated`]. Default: `None`.
+    pub token_provider: Option<TokenProvider>,
     /// This device's id for the session, [`touch`](crate::PresenceClient::touch)
     /// and [`disconnect`](crate::PresenceClient::disconnect): 1 to 128 bytes,
     /// stable across reconnects (and ideally across restarts) of the same
@@ -134,6 +144,7 @@ impl Default for ClientConfig {
         Self {
             endpoints: vec![DEFAULT_ENDPOINT.to_owned()],
             token: None,
+            token_provider: None,
             device_id: String::new(),
             platform: Platform::Service,
             connect_timeout: Duration::from_secs(5),
@@ -143,6 +154,46 @@ impl Default for ClientConfig {
             max_batch: 100,
             tls: TlsConfig::default(),
         }
+    }
+}
+
+type FetchToken =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, Error>> + Send>> + Send + Sync;
+
+/// A source of fresh tokens, e.g. a call to the identity provider:
+///
+/// ```
+/// use presence_sdk::{ClientConfig, TokenProvider};
+///
+/// let config = ClientConfig {
+///     token_provider: Some(TokenProvider::new(|| async {
+///         Ok(std::env::var("PRESENCE_TOKEN").unwrap_or_default())
+///     })),
+///     ..ClientConfig::default()
+/// };
+/// # let _ = config;
+/// ```
+#[derive(Clone)]
+pub struct TokenProvider(Arc<FetchToken>);
+
+impl TokenProvider {
+    /// A provider calling `fetch` for every fresh token.
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, Error>> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(fetch())))
+    }
+
+    pub(crate) async fn fetch(&self) -> Result<String, Error> {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenProvider")
     }
 }
 

@@ -15,7 +15,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::{ClientConfig, Error, TlsConfig};
+use crate::{ClientConfig, Error, TlsConfig, TokenProvider};
 
 /// The generated presence stub over our channel and interceptor.
 pub(crate) type PresenceStub = PresenceServiceClient<InterceptedService<Channel, Auth>>;
@@ -108,6 +108,7 @@ pub(crate) struct Connector {
     /// across an await.
     current: Mutex<Current>,
     auth: Auth,
+    token_provider: Option<TokenProvider>,
 }
 
 /// A channel handed out by [`Connector::channel`], remembering which
@@ -176,6 +177,7 @@ impl Connector {
                         endpoints,
                         current,
                         auth,
+                        token_provider: config.token_provider.clone(),
                     });
                 }
                 Err(e) => {
@@ -207,7 +209,20 @@ impl Connector {
             endpoints,
             current,
             auth,
+            token_provider: config.token_provider.clone(),
         })
+    }
+
+    /// After the server refused the token: fetches a fresh one from the
+    /// configured provider and uses it from now on. False without a
+    /// provider.
+    pub(crate) async fn refresh_token(&self) -> Result<bool, Error> {
+        let Some(provider) = &self.token_provider else {
+            return Ok(false);
+        };
+        let token = provider.fetch().await?;
+        self.set_token(Some(&token))?;
+        Ok(true)
     }
 
     /// Replaces the bearer token for all later calls.

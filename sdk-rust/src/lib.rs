@@ -106,7 +106,7 @@ mod watch;
 
 pub use backoff::Backoff;
 pub use client::PresenceClient;
-pub use config::{ClientConfig, DEFAULT_ENDPOINT, TlsConfig};
+pub use config::{ClientConfig, DEFAULT_ENDPOINT, TlsConfig, TokenProvider};
 pub use error::Error;
 pub use session::{SessionOptions, SessionState};
 pub use watch::{PresenceMap, PresenceStream, PresenceUpdate};

@@ -196,6 +196,9 @@ impl SessionTask {
         let mut ready = Some(ready);
         // Failed attempts since the stream last worked; drives the backoff.
         let mut failures: u32 = 0;
+        // A fresh token was fetched and no stream has worked with it yet:
+        // refused again, it will not be fetched again.
+        let mut refreshed = false;
         loop {
             let lease = self.connector.lease();
             let end = self.run_stream(&lease, &mut desired, &mut ready).await;
@@ -216,6 +219,28 @@ impl SessionTask {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(error.clone()));
                         return Some(error);
+                    }
+                    if healthy {
+                        refreshed = false;
+                    }
+                    if matches!(error, Error::Unauthenticated(_)) && !refreshed {
+                        match self.connector.refresh_token().await {
+                            // Back at once: the server keeps the session
+                            // through its grace period, contacts see nothing.
+                            Ok(true) => {
+                                refreshed = true;
+                                self.state.send_replace(SessionState::Reconnecting {
+                                    attempt: 1,
+                                    reason: error.to_string(),
+                                });
+                                tracing::info!("token refused, reconnecting with a fresh one");
+                                continue;
+                            }
+                            Ok(false) => {}
+                            Err(refresh) => {
+                                tracing::warn!(error = %refresh, "fetching a fresh token failed");
+                            }
+                        }
                     }
                     if !error.is_retryable() {
                         return Some(error);

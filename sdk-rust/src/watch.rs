@@ -169,6 +169,8 @@ struct WatchLoop {
     inbound: Option<(Streaming<PresenceEvent>, u64)>,
     /// Failed attempts since the stream last worked; drives the backoff.
     failures: u32,
+    /// A fresh token was fetched and no stream has worked with it yet.
+    refreshed: bool,
     finished: bool,
 }
 
@@ -181,6 +183,7 @@ impl PresenceStream {
             delivered: Delivered::default(),
             inbound: None,
             failures: 0,
+            refreshed: false,
             finished: false,
         };
         let inner = futures::stream::unfold(state, |mut state| async move {
@@ -218,7 +221,7 @@ impl WatchLoop {
                         self.delivered.new_stream();
                         self.inbound = Some((response.into_inner(), lease.generation));
                     }
-                    Err(status) => return Some(self.failed(status.into(), lease.generation)),
+                    Err(status) => return Some(self.failed(status.into(), lease.generation).await),
                 }
                 continue;
             };
@@ -235,21 +238,38 @@ impl WatchLoop {
                         // The server is serving us again: the next failure
                         // starts the backoff from its first step.
                         self.failures = 0;
+                        self.refreshed = false;
                     }
                     return Some(Ok(update));
                 }
                 Ok(None) => {
                     let error = Error::Unavailable("server closed the watch stream".to_owned());
-                    return Some(self.failed(error, generation));
+                    return Some(self.failed(error, generation).await);
                 }
-                Err(status) => return Some(self.failed(status.into(), generation)),
+                Err(status) => return Some(self.failed(status.into(), generation).await),
             }
         }
     }
 
     /// The item to yield for a failed attempt or a broken stream.
-    fn failed(&mut self, error: Error, generation: u64) -> Result<PresenceUpdate, Error> {
+    async fn failed(&mut self, error: Error, generation: u64) -> Result<PresenceUpdate, Error> {
         self.inbound = None;
+        if matches!(error, Error::Unauthenticated(_)) && !self.refreshed {
+            match self.connector.refresh_token().await {
+                // Back at once with the fresh token, resuming from the
+                // versions held.
+                Ok(true) => {
+                    self.refreshed = true;
+                    tracing::info!("token refused, reconnecting the watch with a fresh one");
+                    return Ok(PresenceUpdate::Reconnecting {
+                        attempt: self.failures.max(1),
+                        reason: error.to_string(),
+                    });
+                }
+                Ok(false) => {}
+                Err(refresh) => tracing::warn!(error = %refresh, "fetching a fresh token failed"),
+            }
+        }
         if !error.is_retryable() {
             self.finished = true;
             return Err(error);
