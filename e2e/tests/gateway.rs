@@ -12,7 +12,9 @@
 //!
 //! Size: 300 sessions and 30 watchers by default (what `make test` runs);
 //! the full 2,000 sessions and 200 watchers with
-//! `PRESENCE_GATEWAY_SESSIONS=2000 PRESENCE_GATEWAY_WATCHERS=200`.
+//! `PRESENCE_GATEWAY_SESSIONS=2000 PRESENCE_GATEWAY_WATCHERS=200` (opt-in;
+//! it does not pass on the shared 2-core machine yet, see README
+//! "A rolling deploy").
 
 #[path = "support/nodes.rs"]
 mod nodes;
