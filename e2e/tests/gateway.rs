@@ -50,11 +50,12 @@ const RAW_CONNECTIONS: usize = 4;
 const CONTACTS_PER_WATCHER: usize = 50;
 /// The nodes' `--grace` in the deploy test. The other e2e tests run 400 ms,
 /// enough for one session moving; here a draining node sends a third of all
-/// sessions away at once, and a debug build on a shared 2-core machine
-/// re-opens them in 0.5-2.5 s (p99, depending on what else runs; a release
-/// build opens ~12k sessions/s, BENCHMARKS.md). Production's default is 1 s;
-/// the test prints the measured re-open times either way.
-const DEPLOY_GRACE: Duration = Duration::from_secs(3);
+/// sessions away at once, and a debug build on the shared 2-core machine
+/// re-opens them in 0.5-2.5 s p99 and up to 3.7 s at worst when other work
+/// loads it (load 9-11; a release build opens ~12k sessions/s on one node,
+/// BENCHMARKS.md). Production's default is 1 s; the test prints the
+/// measured re-open times either way.
+const DEPLOY_GRACE: Duration = Duration::from_secs(5);
 /// Heartbeats, leases and node leases a few times longer than the other
 /// e2e tests' (production: 10 s, 30 s, 10 s): hundreds of sessions beating
 /// every 500 ms through TLS would spend the shared machine's two cores on
