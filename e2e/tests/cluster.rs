@@ -27,8 +27,8 @@ use presence_sdk::{
 };
 use presence_server::store::redis::keys;
 use support::{
-    ContactWatch, HEARTBEAT, Interruptions, RawSession, VISIBLE_WITHIN, admin_token, session_beat,
-    token, user,
+    ContactWatch, HEARTBEAT, Interruptions, RawSession, VISIBLE_WITHIN, admin_token, authed,
+    session_beat, token, user,
 };
 
 /// How long a node's fan-out may take to notice subscriptions Redis dropped
@@ -844,4 +844,60 @@ async fn presence_is_rebuilt_after_redis_restarts_empty() {
         *session.borrow()
     );
     drop(nodes);
+}
+
+/// How a raw stream ends, waiting at most `within`.
+async fn stream_end(session: &mut RawSession, within: Duration) -> tonic::Status {
+    tokio::time::timeout(within, async {
+        loop {
+            match session.inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the old stream was not ended")
+}
+
+#[tokio::test]
+async fn a_device_taken_over_or_logged_out_through_another_node_ends_its_old_stream() {
+    let Some((cluster, _serial)) = setup().await else {
+        return;
+    };
+    let nodes = start_nodes(&cluster, "device-taken", &["node1", "node2"]).await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let stub = |node: &ServerNode| {
+        let url = node.url();
+        async move {
+            pb::presence_service_client::PresenceServiceClient::connect(url)
+                .await
+                .unwrap()
+        }
+    };
+    let bob = user("bob");
+
+    // The device reconnects through node 2 while its stream on node 1 lives.
+    let mut old = RawSession::open(stub(n1).await, &bob, "phone").await;
+    let _new = RawSession::open(stub(n2).await, &bob, "phone").await;
+    // Well within the old stream's lease, which alone would end it too.
+    let status = stream_end(&mut old, Duration::from_secs(1)).await;
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("newer connection"), "{status:?}");
+
+    // The device logs out through node 1 while its stream lives on node 2.
+    let mut stream = RawSession::open(stub(n2).await, &bob, "tablet").await;
+    stub(n1)
+        .await
+        .disconnect(authed(
+            pb::DisconnectRequest {
+                device_id: "tablet".into(),
+            },
+            &token(&bob),
+        ))
+        .await
+        .unwrap();
+    let status = stream_end(&mut stream, Duration::from_secs(1)).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use indexmap::IndexMap;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use crate::domain::{UserRecord, Viewer};
 use crate::store::BusEvent;
@@ -88,9 +88,32 @@ pub struct Hub {
     next_id: AtomicU64,
     streams: AtomicUsize,
     index: Mutex<Index>,
+    /// Where `DeviceTaken` notices go: the node, which owns the leases.
+    devices_taken: Mutex<Option<mpsc::Sender<DeviceTaken>>>,
 }
 
+/// A device taken over or logged out through some node (see
+/// [`BusEvent::DeviceTaken`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceTaken {
+    pub user_id: String,
+    pub device_id: String,
+    pub logged_out: bool,
+    pub node_id: String,
+}
+
+/// Notices queued for the node at most; past it they are dropped (logged),
+/// and an old stream lingers as it would without them.
+const DEVICES_TAKEN_QUEUE: usize = 4096;
+
 impl Hub {
+    /// The notices of devices taken over or logged out, for the node.
+    pub fn devices_taken(&self) -> mpsc::Receiver<DeviceTaken> {
+        let (sender, receiver) = mpsc::channel(DEVICES_TAKEN_QUEUE);
+        *self.devices_taken.lock() = Some(sender);
+        receiver
+    }
+
     pub fn register(&self, owner: &str, viewer: Viewer, follows_contacts: bool) -> Arc<Watcher> {
         let watcher = Arc::new(Watcher {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -160,6 +183,27 @@ impl Hub {
                 crate::metrics::fanout(watchers.len());
                 for watcher in watchers {
                     watcher.push(user_id, Pending::Presence(Box::new(record.clone())));
+                }
+            }
+            BusEvent::DeviceTaken {
+                user_id,
+                device_id,
+                logged_out,
+                node_id,
+            } => {
+                let notice = DeviceTaken {
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    logged_out: *logged_out,
+                    node_id: node_id.clone(),
+                };
+                if let Some(node) = &*self.devices_taken.lock()
+                    && node.try_send(notice).is_err()
+                {
+                    tracing::warn!(
+                        user_id,
+                        "device takeover notice dropped: the node is behind"
+                    );
                 }
             }
             BusEvent::Contacts {

@@ -18,7 +18,7 @@ use crate::domain::{
     Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
     Shown, UserRecord, View, Viewer,
 };
-use crate::hub::Hub;
+use crate::hub::{DeviceTaken, Hub};
 use crate::leases::{Expired, Leases, SessionKey, StreamEnd, StreamEnded};
 use crate::metrics;
 use crate::quota::{QuotaLimits, Quotas, StreamKind, StreamSlot};
@@ -68,6 +68,9 @@ pub struct Node {
     draining: watch::Sender<bool>,
     /// Per-user bounds: open streams, visible changes.
     pub quotas: Arc<Quotas>,
+    /// Devices taken over or logged out through any node, from the fan-out;
+    /// taken by the maintenance loop.
+    devices_taken: Mutex<Option<tokio::sync::mpsc::Receiver<DeviceTaken>>>,
     /// How this node's own lease in the hot store stands.
     lease: Mutex<LeaseHold>,
     /// The hot store no longer knew this node when it renewed its lease: the
@@ -148,7 +151,9 @@ impl Node {
             changes_per_second: config.limits.max_user_changes_per_second,
             changes_per_hour: config.limits.max_user_changes_per_hour,
         });
+        let devices_taken = Mutex::new(Some(backends.hub.devices_taken()));
         Arc::new(Node {
+            devices_taken,
             config,
             node_id,
             backends,
@@ -518,6 +523,7 @@ impl Node {
         if in_grace {
             metrics::reconnect_in_grace();
         }
+        self.announce_device(&key, false).await;
         Ok(OpenedSession {
             key,
             session,
@@ -639,9 +645,69 @@ impl Node {
         if self.leases.renew(&key, session.conn_id, self.config.lease) {
             self.leases.update_session(&key, &session);
         } else {
-            self.leases.hold(key, session, self.config.lease, false);
+            self.leases
+                .hold(key.clone(), session, self.config.lease, false);
+            self.announce_device(&key, false).await;
         }
         Ok(())
+    }
+
+    /// Tells every node that this one just took `key`'s session (or logged
+    /// the device out), so that a node holding a lease of an older
+    /// connection of the device ends that stream (see
+    /// [`Node::end_taken_device`]).
+    async fn announce_device(&self, key: &SessionKey, logged_out: bool) {
+        let event = BusEvent::DeviceTaken {
+            user_id: key.user_id.clone(),
+            device_id: key.device_id.clone(),
+            logged_out,
+            node_id: self.node_id.clone(),
+        };
+        if let Err(error) = self.backends.fanout.publish(event).await {
+            metrics::backend_error("fanout");
+            tracing::debug!(%error, user_id = %key.user_id, "announcing a device takeover failed");
+        }
+    }
+
+    /// Another node took a device over (or logged it out): if this node
+    /// still holds a lease of the device for a connection the hot store no
+    /// longer names, that lease is stale. Its stream is ended, so the client,
+    /// if it is still there, reconnects instead of beating for a session it
+    /// lost (and its lease can never end the new one: it names its own
+    /// connection).
+    async fn end_taken_device(&self, notice: DeviceTaken) {
+        let key = SessionKey {
+            user_id: notice.user_id,
+            device_id: notice.device_id,
+        };
+        if notice.node_id == self.node_id || self.leases.session(&key).is_none() {
+            return;
+        }
+        let _device = self.leases.lock(&key).await;
+        let Some((held, _)) = self.leases.session(&key) else {
+            return;
+        };
+        let record = match self
+            .backends
+            .hot
+            .get(std::slice::from_ref(&key.user_id))
+            .await
+        {
+            Ok(mut records) => records.pop().flatten().unwrap_or_default(),
+            Err(error) => {
+                tracing::debug!(%error, user_id = %key.user_id, "checking a device takeover failed");
+                return;
+            }
+        };
+        let why = match record.session(&key.device_id) {
+            Some(current) if current.conn_id == held.conn_id => return,
+            Some(_) => StreamEnd::Replaced,
+            // Gone from the hot store: ended only on a logout's word, as a
+            // store that lost its data is re-asserted instead.
+            None if notice.logged_out => StreamEnd::LoggedOut,
+            None => return,
+        };
+        self.leases.release(&key, Some(held.conn_id), why);
     }
 
     /// Explicit logout of one device: the session ends at once, and so does
@@ -664,6 +730,7 @@ impl Node {
         .await?;
         metrics::session_ended(OfflineReason::Logout);
         self.leases.release(&key, None, StreamEnd::LoggedOut);
+        self.announce_device(&key, true).await;
         Ok(())
     }
 
@@ -1006,7 +1073,21 @@ impl Node {
                 self.renew_node_lease().await;
             }
         };
-        tokio::join!(duties, lease);
+        let devices_taken = async {
+            let Some(mut notices) = self.devices_taken.lock().take() else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    () = raised(stop.clone()) => return,
+                    notice = notices.recv() => match notice {
+                        Some(notice) => self.end_taken_device(notice).await,
+                        None => return,
+                    },
+                }
+            }
+        };
+        tokio::join!(duties, lease, devices_taken);
     }
 
     /// One round of every duty, as the maintenance loops run them: for

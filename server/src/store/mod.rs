@@ -186,6 +186,18 @@ pub enum BusEvent {
         added: Vec<String>,
         removed: Vec<String>,
     },
+    /// A device's session was just opened on a connection of the
+    /// publishing node, or logged out there. A node still holding a lease
+    /// of the device for an older connection checks the hot store and ends
+    /// that stream: a device reconnecting through another node must not
+    /// leave its old stream renewing a lease of a session it lost.
+    DeviceTaken {
+        user_id: String,
+        device_id: String,
+        logged_out: bool,
+        /// The publishing node, which has settled its own leases already.
+        node_id: String,
+    },
 }
 
 /// Cross-node fan-out. Implementations deliver every published event to the

@@ -65,6 +65,7 @@ use crate::store::{BusEvent, FanOut, StoreError, StoreResult};
 
 const PRESENCE: u8 = b'P';
 const CONTACTS: u8 = b'C';
+const DEVICE: u8 = b'D';
 const PROBE: u8 = b'H';
 
 /// How often every channel is proven to work while all do.
@@ -248,6 +249,7 @@ impl FanOut for RedisFanOut {
         let (kind, user_id) = match &event {
             BusEvent::Presence { user_id, .. } => (PRESENCE, user_id),
             BusEvent::Contacts { user_id, .. } => (CONTACTS, user_id),
+            BusEvent::DeviceTaken { user_id, .. } => (DEVICE, user_id),
         };
         let message = frame(kind, user_id, &encode("bus event", &event)?);
         self.redis
