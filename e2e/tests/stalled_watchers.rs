@@ -137,7 +137,7 @@ async fn a_thousand_stalled_watch_streams_hold_bounded_memory() {
                 .set_status(authed(
                     pb::SetStatusRequest {
                         status: pb::UserStatus::Busy as i32,
-                        custom_message: format!("change {changes} {}", "x".repeat(100)),
+                        custom_message: format!("change {changes} {}", "x".repeat(200)),
                     },
                     &token(&bob),
                 ))
@@ -156,14 +156,12 @@ async fn a_thousand_stalled_watch_streams_hold_bounded_memory() {
         grown as f64 / 1e6,
         second_half as f64 / 1e6
     );
-    // Unbounded, this is every change times every stream (~150 bytes each,
-    // hundreds of MB, growing all along). Bounded, it is the capped bytes in
-    // flight per stream, reached early: flat after that.
-    assert!(grown < 40_000_000, "memory grew {grown} bytes with stalled watchers");
-    assert!(
-        second_half < 8_000_000,
-        "memory still grew {second_half} bytes in the second half"
-    );
+    // Unbounded, this is every change times every stream (~250 bytes each):
+    // 250 KB per change, past 75 MB after 300 changes and growing all along
+    // (hyper's own cap, 400 KB per stream, is 400 MB here). Bounded, it is
+    // the capped bytes in flight per stream and their frames: ~20 MB.
+    assert!(changes >= 300, "only {changes} changes: the test proves nothing");
+    assert!(grown < 64_000_000, "memory grew {grown} bytes with stalled watchers");
     drop(streams);
     server.stop().await;
 }
