@@ -25,7 +25,11 @@ COPY --from=builder /out/presence-server /usr/local/bin/presence-server
 USER 65532:65532
 # gRPC, gRPC-web, health and reflection; Prometheus metrics.
 EXPOSE 50051 9090
+# TLS is expected to end at a gateway in front of the container; to serve
+# TLS from it, set PRESENCE_TLS_CERT and PRESENCE_TLS_KEY and
+# PRESENCE_INSECURE_LISTEN=false.
 ENV PRESENCE_LISTEN=0.0.0.0:50051 \
+    PRESENCE_INSECURE_LISTEN=true \
     PRESENCE_METRICS_LISTEN=0.0.0.0:9090 \
     PRESENCE_LOG_FORMAT=json
 # Readiness and liveness come from the orchestrator's gRPC health probe

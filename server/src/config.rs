@@ -2,6 +2,7 @@
 //! option has a documented default; `presence-server --help` lists them all.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -53,6 +54,41 @@ pub struct Config {
         global = true
     )]
     pub listen: SocketAddr,
+
+    /// Serve plaintext on a non-loopback --listen address: only where TLS
+    /// ends in front of the node (a gateway or load balancer on a private
+    /// network). Logged as a warning at startup. Without it, a non-loopback
+    /// --listen needs --tls-cert and --tls-key.
+    #[arg(long, env = "PRESENCE_INSECURE_LISTEN", global = true)]
+    pub insecure_listen: bool,
+
+    /// TLS certificate chain (PEM file, leaf first). With --tls-key, every
+    /// connection does a TLS handshake (ALPN h2 and http/1.1: native gRPC
+    /// and gRPC-web) within --conn-handshake-timeout. Re-read on SIGHUP.
+    #[arg(long, env = "PRESENCE_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM file: PKCS#8, PKCS#1 or SEC1).
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "PRESENCE_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM file) that client certificates must chain to
+    /// (mutual TLS). Client certificates stay optional: clients without one
+    /// connect with their token alone; one that presents a certificate not
+    /// from this CA fails the handshake. Needs --tls-cert. Re-read on SIGHUP.
+    #[arg(long, env = "PRESENCE_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Refuse calls made with an admin-scoped token (PERMISSION_DENIED)
+    /// unless their connection presented a client certificate verified
+    /// against --tls-client-ca (which it needs).
+    #[arg(
+        long,
+        env = "PRESENCE_TLS_REQUIRE_CLIENT_CERT_FOR_ADMIN",
+        global = true
+    )]
+    pub tls_require_client_cert_for_admin: bool,
 
     /// This node's id, unique among the nodes sharing one Redis Cluster.
     /// Default: a random id.
@@ -421,6 +457,10 @@ pub enum ConfigError {
         "--dev refused on {0}: the development secret lets anyone mint tokens, so --dev only listens on a loopback address (127.0.0.1, ::1)"
     )]
     DevOnNetwork(SocketAddr),
+    #[error(
+        "plaintext refused on {0}: a non-loopback --listen address needs --tls-cert and --tls-key, or --insecure-listen (PRESENCE_INSECURE_LISTEN=true) when TLS ends at a gateway in front of the node"
+    )]
+    PlaintextOnNetwork(SocketAddr),
     #[error("{0}")]
     Invalid(String),
 }
@@ -475,12 +515,38 @@ impl Config {
         if self.dev && !self.listen.ip().is_loopback() {
             return Err(ConfigError::DevOnNetwork(self.listen));
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "--tls-cert and --tls-key go together".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && !self.tls_enabled() {
+            return Err(ConfigError::Invalid(
+                "--tls-client-ca needs --tls-cert and --tls-key".into(),
+            ));
+        }
+        if self.tls_require_client_cert_for_admin && self.tls_client_ca.is_none() {
+            return Err(ConfigError::Invalid(
+                "--tls-require-client-cert-for-admin needs --tls-client-ca".into(),
+            ));
+        }
+        if !self.listen.ip().is_loopback() && !self.tls_enabled() && !self.insecure_listen {
+            return Err(ConfigError::PlaintextOnNetwork(self.listen));
+        }
         if self.history_buffer == 0 {
             return Err(ConfigError::Invalid(
                 "--history-buffer must be above zero".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Whether the listener speaks TLS (--tls-cert and --tls-key).
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
     }
 
     /// How to reach the durable store.
@@ -548,6 +614,80 @@ mod tests {
         config(&["--dev", "--listen", "[::1]:50051"])
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn plaintext_is_refused_on_a_network_address() {
+        let secret = "a-test-secret-that-is-long-enough-32b";
+        let error = config(&["--jwt-secret", secret, "--listen", "0.0.0.0:50051"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(error, ConfigError::PlaintextOnNetwork(_)),
+            "{error}"
+        );
+        assert!(error.to_string().contains("--insecure-listen"), "{error}");
+        config(&[
+            "--jwt-secret",
+            secret,
+            "--listen",
+            "0.0.0.0:50051",
+            "--insecure-listen",
+        ])
+        .validate()
+        .unwrap();
+        config(&[
+            "--jwt-secret",
+            secret,
+            "--listen",
+            "0.0.0.0:50051",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+        ])
+        .validate()
+        .unwrap();
+        config(&["--jwt-secret", secret, "--listen", "127.0.0.1:50051"])
+            .validate()
+            .unwrap();
+        config(&["--jwt-secret", secret, "--listen", "[::1]:50051"])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn tls_options_are_checked_against_each_other() {
+        for args in [
+            &["--dev", "--tls-cert", "cert.pem"][..],
+            &["--dev", "--tls-key", "key.pem"][..],
+            &["--dev", "--tls-client-ca", "ca.pem"][..],
+            &[
+                "--dev",
+                "--tls-cert",
+                "cert.pem",
+                "--tls-key",
+                "key.pem",
+                "--tls-require-client-cert-for-admin",
+            ][..],
+        ] {
+            assert!(
+                matches!(config(args).validate(), Err(ConfigError::Invalid(_))),
+                "{args:?}"
+            );
+        }
+        config(&[
+            "--dev",
+            "--tls-cert",
+            "cert.pem",
+            "--tls-key",
+            "key.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--tls-require-client-cert-for-admin",
+        ])
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -25,6 +25,11 @@
 //! - **request bodies**: every call but the client-streaming ones must have
 //!   sent its whole request within `--request-body-timeout`.
 //!
+//! With `--tls-cert` and `--tls-key` (see `tls.rs`), the TLS handshake
+//! comes first and counts against the handshake timeout; a client
+//! certificate verified in it marks every request of the connection with
+//! [`VerifiedClientCert`](crate::tls::VerifiedClientCert).
+//!
 //! Calls are counted per connection from the moment hyper hands the request
 //! over until the response body is dropped, so a stream is "in progress" for
 //! as long as it is open.
@@ -52,6 +57,7 @@ use tonic::body::Body;
 use tower::ServiceExt;
 
 use crate::config::ConnectionLimits;
+use crate::tls::{ServerTls, VerifiedClientCert};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -121,11 +127,14 @@ impl Bounds {
 
 /// Serves `service` to the connections `listener` accepts until `shutdown`
 /// resolves; then stops accepting, asks every connection to go away, and
-/// returns once all of them have closed.
+/// returns once all of them have closed. With `tls`, each connection is
+/// served after its TLS handshake, made with the configuration current when
+/// it was accepted.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
     bounds: Bounds,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
@@ -173,6 +182,7 @@ pub async fn serve<S, B>(
         let slot = Slot::take(open.clone());
         tokio::spawn(serve_connection(
             stream,
+            tls.as_ref().map(|tls| tls.acceptor()),
             peer,
             builder.clone(),
             service.clone(),
@@ -250,13 +260,14 @@ fn jittered(max_age: Duration) -> Duration {
 #[allow(clippy::too_many_arguments)]
 async fn serve_connection<S, B>(
     stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
     bounds: Arc<Bounds>,
     restricted: bool,
-    mut draining: watch::Receiver<bool>,
-    _slot: Slot,
+    draining: watch::Receiver<bool>,
+    slot: Slot,
 ) where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -265,6 +276,71 @@ async fn serve_connection<S, B>(
     B::Error: Into<BoxError>,
 {
     let accepted = Instant::now();
+    let Some(acceptor) = tls else {
+        return serve_io(
+            stream, accepted, false, peer, builder, service, bounds, restricted, draining, slot,
+        )
+        .await;
+    };
+    let handshake =
+        tokio::time::timeout_at(accepted + bounds.handshake_timeout, acceptor.accept(stream));
+    let stream = match handshake.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            metrics::counter!("presence_connections_closed_total", "reason" => "tls_handshake")
+                .increment(1);
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("presence_connections_closed_total", "reason" => "handshake_timeout")
+                .increment(1);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The verifier refuses any certificate not from --tls-client-ca, so one
+    // that is there was verified.
+    let client_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|certs| !certs.is_empty());
+    serve_io(
+        stream,
+        accepted,
+        client_cert,
+        peer,
+        builder,
+        service,
+        bounds,
+        restricted,
+        draining,
+        slot,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_io<IO, S, B>(
+    stream: IO,
+    accepted: Instant,
+    client_cert: bool,
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    service: S,
+    bounds: Arc<Bounds>,
+    restricted: bool,
+    mut draining: watch::Receiver<bool>,
+    _slot: Slot,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let greeted = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(Greeting {
         inner: stream,
@@ -276,6 +352,7 @@ async fn serve_connection<S, B>(
         inner: service,
         calls: Arc::new(calls),
         restricted,
+        client_cert,
         body_timeout: bounds.request_body_timeout,
     };
     let connection = builder.serve_connection(io, service);
@@ -349,13 +426,13 @@ async fn serve_connection<S, B>(
 }
 
 /// The socket, noting when the client has sent enough to have greeted.
-struct Greeting {
-    inner: TcpStream,
+struct Greeting<IO> {
+    inner: IO,
     read: usize,
     greeted: Arc<AtomicBool>,
 }
 
-impl AsyncRead for Greeting {
+impl<IO: AsyncRead + Unpin> AsyncRead for Greeting<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -373,7 +450,7 @@ impl AsyncRead for Greeting {
     }
 }
 
-impl AsyncWrite for Greeting {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Greeting<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -412,6 +489,8 @@ struct ConnectionService<S> {
     /// it to know when the connection is idle.
     calls: Arc<watch::Sender<usize>>,
     restricted: bool,
+    /// The client presented a certificate verified against --tls-client-ca.
+    client_cert: bool,
     body_timeout: Duration,
 }
 
@@ -427,7 +506,10 @@ where
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if self.client_cert {
+            request.extensions_mut().insert(VerifiedClientCert);
+        }
         let call = CallInProgress::start(self.calls.clone());
         let path = request.uri().path();
         if self.restricted && path != HEALTH_CHECK {

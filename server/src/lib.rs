@@ -16,6 +16,7 @@
 //! - [`api`]: the gRPC services; the only layer that knows protobuf.
 //! - [`connections`]: accepting and serving client connections, each
 //!   within bounds (handshake, idle, keepalive, age, count, request bodies).
+//! - [`tls`]: TLS on the listener, optional client certificates, SIGHUP reload.
 //! - [`auth`], [`config`], [`telemetry`]: tokens, options, logs.
 //!
 //! [`run`] serves a node on a listener until `shutdown` resolves, then drains.
@@ -33,6 +34,7 @@ pub mod node;
 pub mod quota;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;
 
 use std::future::Future;
@@ -157,12 +159,34 @@ const DRAIN_STRAGGLERS: Duration = Duration::from_secs(3);
 /// Serves one node on `listener` until `shutdown` resolves, then drains:
 /// streams are told to go away, sessions linger through the grace period so
 /// their clients can move to another node, and the remaining ones end.
+/// With `--tls-cert` and `--tls-key`, the certificate is re-read on SIGHUP.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    let tls = tls::ServerTls::from_config(&config)?;
+    if let Some(tls) = &tls {
+        tls.reload_on_sighup()?;
+    }
+    run_with_tls(config, listener, tls, shutdown).await
+}
+
+/// [`run`], with the TLS state given by the caller (who can then reload it,
+/// as SIGHUP does); `None` serves plaintext.
+pub async fn run_with_tls(
+    config: Config,
+    listener: TcpListener,
+    tls: Option<Arc<tls::ServerTls>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    if tls.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        tracing::warn!(
+            "plaintext on a network address (--insecure-listen): TLS must end in front of this node"
+        );
+    }
     let node_id = config
         .node_id
         .clone()
@@ -226,6 +250,8 @@ pub async fn run(
         },
         staleness_bound_ms = config.staleness_bound().as_millis() as u64,
         max_connections = bounds.max_connections,
+        tls = tls.is_some(),
+        client_certs = config.tls_client_ca.is_some(),
         "presence server ready"
     );
 
@@ -262,7 +288,7 @@ pub async fn run(
         .layer(cors(&config.cors_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .service(routes);
-    let serving = connections::serve(listener, service, bounds, drain);
+    let serving = connections::serve(listener, service, bounds, tls, drain);
     // Streams we do not own (health watches, reflection) never end by
     // themselves: past the deadline the remaining connections are dropped.
     let drained = node.drained();

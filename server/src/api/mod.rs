@@ -38,8 +38,24 @@ impl Api {
         Api { node, auth }
     }
 
+    /// The caller the token names. With
+    /// `--tls-require-client-cert-for-admin`, an admin-scoped token is only
+    /// taken from a connection that presented a verified client certificate.
     fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
-        self.auth.verify(request.metadata())
+        let caller = self.auth.verify(request.metadata())?;
+        if caller.admin
+            && self.node.config.tls_require_client_cert_for_admin
+            && request
+                .extensions()
+                .get::<crate::tls::VerifiedClientCert>()
+                .is_none()
+        {
+            return Err(ApiError::PermissionDenied(
+                "admin-scoped tokens need a client certificate from --tls-client-ca on this server"
+                    .into(),
+            ));
+        }
+        Ok(caller)
     }
 
     /// Admins act on anyone; users only on themselves.
