@@ -430,14 +430,7 @@ async fn contacts_added_or_removed_join_or_leave_open_watches() {
 
 #[tokio::test]
 async fn a_slow_watcher_gets_coalesced_updates_not_a_growing_buffer() {
-    // Far more changes than one user may make by default.
-    let server = TestServer::start_with(&[
-        "--max-user-changes-per-second",
-        "1000000",
-        "--max-user-changes-per-hour",
-        "1000000000",
-    ])
-    .await;
+    let server = TestServer::start_with(support::UNLIMITED_CHANGES).await;
     let (alice, bob) = (user("alice"), user("bob"));
     befriend(&server, &alice, &[&bob]).await;
     // A watcher with a small HTTP/2 window that stops reading.

@@ -97,10 +97,7 @@ async fn a_user_cannot_hold_more_heartbeat_streams_than_the_cap() {
     let _one = RawSession::open(server.presence().await, &alice, "one").await;
     let _two = RawSession::open(server.presence().await, &alice, "two").await;
     let (outbound, rx) = tokio::sync::mpsc::channel(1);
-    outbound
-        .send(support::session_open("three"))
-        .await
-        .unwrap();
+    outbound.send(support::session_open("three")).await.unwrap();
     let refused = server
         .presence()
         .await

@@ -22,7 +22,9 @@ const CHANGING_FOR: Duration = Duration::from_secs(8);
 /// A TCP proxy in front of `upstream` whose server-to-client direction can
 /// be frozen: the client then reads nothing more, as a client that stopped
 /// reading its socket.
-async fn freezable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+async fn freezable_proxy(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let frozen = Arc::new(AtomicBool::new(false));
@@ -43,7 +45,9 @@ async fn freezable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAdd
                         // Hold both halves open, reading nothing.
                         std::future::pending::<()>().await;
                     }
-                    let Ok(n) = server_read.read(&mut buffer).await else { return };
+                    let Ok(n) = server_read.read(&mut buffer).await else {
+                        return;
+                    };
                     if n == 0 || client_write.write_all(&buffer[..n]).await.is_err() {
                         return;
                     }
@@ -66,13 +70,7 @@ fn resident_bytes() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_stalled_watch_streams_hold_bounded_memory() {
-    let server = TestServer::start_with(&[
-        "--max-user-changes-per-second",
-        "1000000",
-        "--max-user-changes-per-hour",
-        "1000000000",
-    ])
-    .await;
+    let server = TestServer::start_with(support::UNLIMITED_CHANGES).await;
     let (proxy, frozen) = freezable_proxy(server.addr).await;
     // A client with windows as large as HTTP/2 allows: the server may send
     // as much as it likes, as far as flow control goes.
@@ -160,8 +158,14 @@ async fn a_thousand_stalled_watch_streams_hold_bounded_memory() {
     // 250 KB per change, past 75 MB after 300 changes and growing all along
     // (hyper's own cap, 400 KB per stream, is 400 MB here). Bounded, it is
     // the capped bytes in flight per stream and their frames: ~20 MB.
-    assert!(changes >= 300, "only {changes} changes: the test proves nothing");
-    assert!(grown < 64_000_000, "memory grew {grown} bytes with stalled watchers");
+    assert!(
+        changes >= 300,
+        "only {changes} changes: the test proves nothing"
+    );
+    assert!(
+        grown < 64_000_000,
+        "memory grew {grown} bytes with stalled watchers"
+    );
     drop(streams);
     server.stop().await;
 }

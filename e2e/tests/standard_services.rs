@@ -179,7 +179,10 @@ async fn preflight(server: &TestServer, origin: &str) -> http::Response<hyper::b
 }
 
 fn header<'a>(response: &'a http::Response<hyper::body::Incoming>, name: &str) -> Option<&'a str> {
-    response.headers().get(name).map(|value| value.to_str().unwrap())
+    response
+        .headers()
+        .get(name)
+        .map(|value| value.to_str().unwrap())
 }
 
 #[tokio::test]
@@ -215,14 +218,21 @@ async fn browsers_read_grpc_errors_across_origins() {
     assert_eq!(header(&response, "grpc-status"), Some("16"), "{response:?}");
     let exposed = header(&response, "access-control-expose-headers").unwrap();
     for needed in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
-        assert!(exposed.contains(needed), "{needed} is not exposed: {exposed}");
+        assert!(
+            exposed.contains(needed),
+            "{needed} is not exposed: {exposed}"
+        );
     }
     server.stop().await;
 }
 
 #[tokio::test]
 async fn only_the_configured_origins_may_call_from_a_browser() {
-    let server = TestServer::start_with(&["--cors-origins", "https://app.example,https://admin.example"]).await;
+    let server = TestServer::start_with(&[
+        "--cors-origins",
+        "https://app.example,https://admin.example",
+    ])
+    .await;
     let response = preflight(&server, "https://admin.example").await;
     assert_eq!(
         header(&response, "access-control-allow-origin"),

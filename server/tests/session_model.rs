@@ -41,16 +41,37 @@ const GRACE_MS: u64 = 200;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Open { user: usize, device: usize, idle: bool },
+    Open {
+        user: usize,
+        device: usize,
+        idle: bool,
+    },
     /// A beat on the n-th stream ever opened (mod their count), whatever
     /// became of it: late beats on replaced or ended streams included.
-    Beat { stream: usize, idle: Option<bool> },
-    Close { stream: usize },
-    Touch { user: usize, device: usize, idle: Option<bool> },
-    Disconnect { user: usize, device: usize },
-    SetStatus { user: usize, chosen: u8 },
+    Beat {
+        stream: usize,
+        idle: Option<bool>,
+    },
+    Close {
+        stream: usize,
+    },
+    Touch {
+        user: usize,
+        device: usize,
+        idle: Option<bool>,
+    },
+    Disconnect {
+        user: usize,
+        device: usize,
+    },
+    SetStatus {
+        user: usize,
+        chosen: u8,
+    },
     Sweep,
-    Advance { ms: u64 },
+    Advance {
+        ms: u64,
+    },
     /// The hot store forgets everything (Redis restarted empty); the node
     /// then runs one round of its duties, as its maintenance loop would.
     LoseHotStore,
@@ -80,11 +101,19 @@ fn step(lose_hot_store: bool) -> impl Strategy<Value = Step> {
 }
 
 fn chosen(n: u8) -> ChosenStatus {
-    [ChosenStatus::Online, ChosenStatus::Busy, ChosenStatus::Invisible][usize::from(n) % 3]
+    [
+        ChosenStatus::Online,
+        ChosenStatus::Busy,
+        ChosenStatus::Invisible,
+    ][usize::from(n) % 3]
 }
 
 fn activity(idle: bool) -> Activity {
-    if idle { Activity::Idle } else { Activity::Active }
+    if idle {
+        Activity::Idle
+    } else {
+        Activity::Active
+    }
 }
 
 /// What holds a device's lease, as the model expects it.
@@ -404,7 +433,9 @@ impl Model {
             expected.sort();
             devices.sort();
             check(expected == devices, || {
-                format!("{user_id}: the model expects leases of {expected:?}, the node holds {devices:?}")
+                format!(
+                    "{user_id}: the model expects leases of {expected:?}, the node holds {devices:?}"
+                )
             })?;
             for (key, lease) in &self.leases {
                 if let Holder::Stream(index) = lease.holder {
@@ -522,7 +553,9 @@ async fn run_case(services: Option<&Services>, steps: Vec<Step>) -> Result<(), T
     let run = rand::random::<u32>();
     let mut model = Model {
         node: node(services).await,
-        users: (0..USERS).map(|u| format!("model-{run}-user-{u}")).collect(),
+        users: (0..USERS)
+            .map(|u| format!("model-{run}-user-{u}"))
+            .collect(),
         started: tokio::time::Instant::now(),
         leases: HashMap::new(),
         streams: Vec::new(),
@@ -548,15 +581,19 @@ fn sessions_and_leases_keep_their_invariants_on_the_embedded_backends() {
         ..ProptestConfig::default()
     });
     runner
-        .run(&proptest::collection::vec(step(false), 1..60), |steps| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()
-                .unwrap()
-                .block_on(run_case(None, steps))
-        })
+        .run(&proptest::collection::vec(step(false), 1..60), on_embedded)
         .unwrap();
+}
+
+/// One case on the embedded backends, with a paused clock that the steps
+/// move.
+fn on_embedded(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(run_case(None, steps))
 }
 
 #[test]
@@ -590,21 +627,26 @@ fn sessions_and_leases_keep_their_invariants_on_redis_cluster_and_scylla() {
 
 /// The shrunk cases of the defects the model found, kept as plain tests.
 fn replay(steps: Vec<Step>) {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(run_case(None, steps))
-        .unwrap();
+    on_embedded(steps).unwrap();
 }
 
 #[test]
 fn a_late_beat_on_a_replaced_stream_leaves_the_new_connection_its_lease() {
     replay(vec![
-        Step::Open { user: 0, device: 0, idle: false },
-        Step::Open { user: 0, device: 0, idle: false },
-        Step::Beat { stream: 0, idle: Some(true) },
+        Step::Open {
+            user: 0,
+            device: 0,
+            idle: false,
+        },
+        Step::Open {
+            user: 0,
+            device: 0,
+            idle: false,
+        },
+        Step::Beat {
+            stream: 0,
+            idle: Some(true),
+        },
         Step::Close { stream: 1 },
         Step::Advance { ms: 300 },
         Step::Sweep,
@@ -614,28 +656,58 @@ fn a_late_beat_on_a_replaced_stream_leaves_the_new_connection_its_lease() {
 #[test]
 fn a_touch_refused_by_the_session_limit_leaves_no_lease() {
     replay(vec![
-        Step::Open { user: 1, device: 2, idle: false },
-        Step::Open { user: 1, device: 0, idle: false },
-        Step::Touch { user: 1, device: 1, idle: None },
-        Step::Touch { user: 1, device: 1, idle: None },
+        Step::Open {
+            user: 1,
+            device: 2,
+            idle: false,
+        },
+        Step::Open {
+            user: 1,
+            device: 0,
+            idle: false,
+        },
+        Step::Touch {
+            user: 1,
+            device: 1,
+            idle: None,
+        },
+        Step::Touch {
+            user: 1,
+            device: 1,
+            idle: None,
+        },
     ]);
 }
 
 #[test]
 fn a_beat_after_logout_ends_the_stream_and_brings_nothing_back() {
     replay(vec![
-        Step::Open { user: 0, device: 1, idle: false },
+        Step::Open {
+            user: 0,
+            device: 1,
+            idle: false,
+        },
         Step::Disconnect { user: 0, device: 1 },
-        Step::Beat { stream: 0, idle: Some(true) },
+        Step::Beat {
+            stream: 0,
+            idle: Some(true),
+        },
     ]);
 }
 
 #[test]
 fn a_silent_stream_loses_its_session_within_the_lease_and_is_ended() {
     replay(vec![
-        Step::Open { user: 0, device: 0, idle: false },
+        Step::Open {
+            user: 0,
+            device: 0,
+            idle: false,
+        },
         Step::Advance { ms: LEASE_MS },
         Step::Sweep,
-        Step::Beat { stream: 0, idle: None },
+        Step::Beat {
+            stream: 0,
+            idle: None,
+        },
     ]);
 }

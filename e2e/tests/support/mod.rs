@@ -29,6 +29,15 @@ pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// FR4: every change is visible to watchers within this.
 pub const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 
+/// Server flags that lift the per-user change budget, for tests that make
+/// far more changes than one user may by default.
+pub const UNLIMITED_CHANGES: &[&str] = &[
+    "--max-user-changes-per-second",
+    "1000000",
+    "--max-user-changes-per-hour",
+    "1000000000",
+];
+
 /// `d` as a duration flag's value.
 pub fn duration_flag(d: Duration) -> String {
     format!("{}ms", d.as_millis())
