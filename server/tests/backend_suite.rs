@@ -375,15 +375,24 @@ async fn choices_are_durable_and_the_newest_wins(b: Backends) {
     };
     // Invisible from the start: a choice, never a visible change.
     let invisible = choice(&hidden, ChosenStatus::Invisible, "", stamp(now + 2));
-    b.history.save_choices(&[invisible.clone()]).await.unwrap();
+    b.history
+        .save_choices(std::slice::from_ref(&invisible))
+        .await
+        .unwrap();
     // An older choice arriving late (a retry, another node) must not win.
     let older = choice(&hidden, ChosenStatus::Busy, "late", stamp(now + 1));
     b.history.save_choices(&[older]).await.unwrap();
     // Seen online, then busy: the visible state and the choice side by side.
     let online = history(&seen, now, stamp(now));
-    b.history.append(&[online.clone()]).await.unwrap();
+    b.history
+        .append(std::slice::from_ref(&online))
+        .await
+        .unwrap();
     let busy = choice(&seen, ChosenStatus::Busy, "meeting", stamp(now + 3));
-    b.history.save_choices(&[busy.clone()]).await.unwrap();
+    b.history
+        .save_choices(std::slice::from_ref(&busy))
+        .await
+        .unwrap();
 
     let ids = [hidden.clone(), seen.clone(), nobody];
     let states = b.history.durable(&ids).await.unwrap();
@@ -401,10 +410,13 @@ async fn choices_are_durable_and_the_newest_wins(b: Backends) {
         offline_reason: Some(OfflineReason::Logout),
         ..history(&seen, now + 4, stamp(now + 4))
     };
-    b.history.append(&[offline.clone()]).await.unwrap();
+    b.history
+        .append(std::slice::from_ref(&offline))
+        .await
+        .unwrap();
     let online_again = choice(&seen, ChosenStatus::Online, "", stamp(now + 5));
     b.history
-        .save_choices(&[online_again.clone()])
+        .save_choices(std::slice::from_ref(&online_again))
         .await
         .unwrap();
     let state = b.history.durable(&[seen]).await.unwrap().remove(0);

@@ -845,7 +845,10 @@ mod tests {
             choice("u", ChosenStatus::Invisible, 20),
             choice("u", ChosenStatus::Busy, 10),
         );
-        buffer.save_choices(&[hidden.clone()]).await.unwrap();
+        buffer
+            .save_choices(std::slice::from_ref(&hidden))
+            .await
+            .unwrap();
         // Late, older: superseded.
         buffer.save_choices(&[busy]).await.unwrap();
         buffer.append(&[record("u", 4)]).await.unwrap();
