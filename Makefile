@@ -4,7 +4,8 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-SERVER := target/release/presence-server
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+SERVER := $(TARGET_DIR)/release/presence-server
 
 .PHONY: run build test test-rust test-ts test-kotlin demo test-backends services-up services-down bench bench-full soak lint fmt help
 
@@ -27,12 +28,12 @@ test-rust: ## Rust tests on the embedded backends only (no services needed)
 
 test-ts: ## TypeScript SDK suites (unit, Node, Chromium) against a real server; installs npm packages and Chromium if missing
 	$(if $(PRESENCE_SERVER_BIN),,$(CARGO) build -p presence-server)
-	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(CURDIR)/target/debug/presence-server} sdk-ts/scripts/test.sh
+	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(abspath $(TARGET_DIR))/debug/presence-server} sdk-ts/scripts/test.sh
 
 demo: ## the web demo: a server on the embedded backends and a live board at http://localhost:8080/?user=alice
 	$(if $(PRESENCE_SERVER_BIN),,$(CARGO) build -p presence-server)
 	cd sdk-ts && npm ci --no-audit --no-fund && npm run build:test
-	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(CURDIR)/target/debug/presence-server} node sdk-ts/.build/demo/serve.js
+	PRESENCE_SERVER_BIN=$${PRESENCE_SERVER_BIN:-$(abspath $(TARGET_DIR))/debug/presence-server} node sdk-ts/.build/demo/serve.js
 
 test-kotlin: ## Kotlin SDK build and tests against a real server (builds it unless PRESENCE_SERVER_BIN is set)
 	sdk-kotlin/scripts/test.sh

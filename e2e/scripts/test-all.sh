@@ -57,16 +57,19 @@ PRESENCE_TEST_SCYLLA_NODES="$scylla_nodes" \
 PRESENCE_REQUIRE_BACKENDS=1 \
   cargo test --workspace
 
+# The server the SDK suites start, from wherever cargo builds.
+server_bin="${CARGO_TARGET_DIR:-$repo/target}/debug/presence-server"
+
 step "TypeScript SDK tests (unit, Node, Chromium; Redis Cluster $redis_urls)"
 command -v npm >/dev/null || { echo "npm is missing: install Node.js 20 first" >&2; exit 1; }
 cargo build -p presence-server
-PRESENCE_SERVER_BIN="$repo/target/debug/presence-server" \
+PRESENCE_SERVER_BIN="$server_bin" \
 PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
   sdk-ts/scripts/test.sh
 
 # Downloads Maven and its artifacts on a cold run.
 step "Kotlin SDK tests (Redis Cluster $redis_urls)"
-PRESENCE_SERVER_BIN="$repo/target/debug/presence-server" \
+PRESENCE_SERVER_BIN="$server_bin" \
 PRESENCE_TEST_REDIS_CLUSTER="$redis_urls" \
   sdk-kotlin/scripts/test.sh
 

@@ -16,7 +16,7 @@ command -v java >/dev/null || { echo "java is missing: install a JDK (17 or newe
 
 if [ -z "${PRESENCE_SERVER_BIN:-}" ]; then
   (cd "$repo" && cargo build -p presence-server)
-  PRESENCE_SERVER_BIN="$repo/target/debug/presence-server"
+  PRESENCE_SERVER_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/presence-server"
 fi
 
 if [ -z "${PRESENCE_TEST_REDIS_CLUSTER:-}" ]; then

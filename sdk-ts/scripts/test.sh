@@ -12,7 +12,7 @@ set -euo pipefail
 
 sdk=$(cd "$(dirname "$0")/.." && pwd)
 repo=$(cd "$sdk/.." && pwd)
-export PRESENCE_SERVER_BIN=${PRESENCE_SERVER_BIN:-$repo/target/debug/presence-server}
+export PRESENCE_SERVER_BIN=${PRESENCE_SERVER_BIN:-${CARGO_TARGET_DIR:-$repo/target}/debug/presence-server}
 [ -x "$PRESENCE_SERVER_BIN" ] || { echo "no server binary at $PRESENCE_SERVER_BIN (cargo build -p presence-server)" >&2; exit 1; }
 
 if ! command -v chromium >/dev/null && ! command -v chromium-headless-shell >/dev/null && [ -z "${PRESENCE_CHROMIUM:-}" ]; then
