@@ -505,7 +505,7 @@ impl Node {
             user_id: caller.user_id.clone(),
             device_id: open.device_id.clone(),
         };
-        let _device = self.leases.lock(&key).await;
+        let device = self.leases.lock(&key).await;
         self.restore_from_durable(&caller.user_id).await?;
         let session = self.new_session(open.device_id, open.platform, open.activity);
         let record = self
@@ -523,6 +523,8 @@ impl Node {
         if in_grace {
             metrics::reconnect_in_grace();
         }
+        // The lease is settled: the announcement needs no lock.
+        drop(device);
         self.announce_device(&key, false).await;
         Ok(OpenedSession {
             key,
@@ -623,7 +625,7 @@ impl Node {
         if held.is_none() || changed_activity.is_some() {
             self.quotas.admit_change(&caller.user_id)?;
         }
-        let _device = self.leases.lock(&key).await;
+        let device = self.leases.lock(&key).await;
         let mut session = match self.leases.session(&key) {
             Some((session, _)) => session,
             None => {
@@ -644,11 +646,12 @@ impl Node {
         .await?;
         if self.leases.renew(&key, session.conn_id, self.config.lease) {
             self.leases.update_session(&key, &session);
-        } else {
-            self.leases
-                .hold(key.clone(), session, self.config.lease, false);
-            self.announce_device(&key, false).await;
+            return Ok(());
         }
+        self.leases
+            .hold(key.clone(), session, self.config.lease, false);
+        drop(device);
+        self.announce_device(&key, false).await;
         Ok(())
     }
 
@@ -718,7 +721,7 @@ impl Node {
             user_id: caller.user_id.clone(),
             device_id: device_id.clone(),
         };
-        let _device = self.leases.lock(&key).await;
+        let device = self.leases.lock(&key).await;
         self.mutate(
             &caller.user_id,
             Mutation::End {
@@ -730,6 +733,7 @@ impl Node {
         .await?;
         metrics::session_ended(OfflineReason::Logout);
         self.leases.release(&key, None, StreamEnd::LoggedOut);
+        drop(device);
         self.announce_device(&key, true).await;
         Ok(())
     }
