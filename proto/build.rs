@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["presence/v1/presence.proto", "presence/v1/contacts.proto"];
+const PROTOS: &[&str] = &[
+    "presence/v1/presence.proto",
+    "presence/v1/contacts.proto",
+    "presence/v1/feed.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -27,8 +27,8 @@ use presence_sdk::{
 };
 use presence_server::store::redis::keys;
 use support::{
-    ContactWatch, HEARTBEAT, Interruptions, RawSession, VISIBLE_WITHIN, admin_token, authed,
-    session_beat, token, user,
+    ContactWatch, HEARTBEAT, Interruptions, PROJECTED_WITHIN, RawSession, VISIBLE_WITHIN,
+    admin_token, authed, session_beat, token, user,
 };
 
 /// How long a node's fan-out may take to notice subscriptions Redis dropped
@@ -390,21 +390,30 @@ async fn a_killed_node_leaves_no_ghost_online() {
     let now = watcher.get_one(&bob).await.unwrap();
     assert_eq!(now.status(), VisibleStatus::Offline, "no ghost online");
     assert_eq!(now.offline_reason(), OfflineReason::NodeLost);
-    let history: Vec<pb::HistoryEntry> = watcher
-        .get_history(&bob, None, None)
-        .map(Result::unwrap)
-        .collect()
-        .await;
-    let last = history.last().expect("bob has history");
-    assert_eq!(
-        (last.status(), last.offline_reason(), last.version),
-        (
-            VisibleStatus::Offline,
-            OfflineReason::NodeLost,
-            offline.version
-        ),
-        "history: {history:?}"
-    );
+    eventually(PROJECTED_WITHIN, "NODE_LOST in bob's history", || async {
+        let history: Vec<pb::HistoryEntry> = watcher
+            .get_history(&bob, None, None)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let last = history
+            .last()
+            .map(|last| (last.status(), last.offline_reason(), last.version));
+        match last {
+            Some(last)
+                if last
+                    == (
+                        VisibleStatus::Offline,
+                        OfflineReason::NodeLost,
+                        offline.version,
+                    ) =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("history: {history:?}")),
+        }
+    })
+    .await;
     watch.assert_quiet(Duration::from_millis(300)).await;
     drop(nodes);
 }
@@ -523,7 +532,7 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
     let mut writers = Vec::new();
     while writers.len() < 4 {
         let candidate = user("writer");
-        if cluster.master_of_slot(keys::user_slot(&candidate)) == victim {
+        if cluster.master_of_slot(keys::Keys::new(16).user_slot(&candidate)) == victim {
             writers.push(candidate);
         }
     }

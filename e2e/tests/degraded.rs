@@ -29,7 +29,8 @@ use presence_server::domain::{HistoryRecord, UserRecord, VisibleStatus};
 use presence_server::store::redis::keys;
 use presence_server::store::{HistoryStore, cached, scylla};
 use support::{
-    Interruptions, TestServer, VISIBLE_WITHIN, authed, befriend, client, raw_watch, token, user,
+    Interruptions, PROJECTED_WITHIN, TestServer, VISIBLE_WITHIN, authed, befriend, client,
+    raw_watch, token, user,
 };
 
 /// The keyspace these tests use in the CQL store.
@@ -110,7 +111,7 @@ impl Services {
 
     /// The user's record as the Redis hot store holds it.
     fn hot_record(&self, user_id: &str) -> Option<UserRecord> {
-        let json = self.redis_cli(&["HGET", &keys::user(user_id), "d"])?;
+        let json = self.redis_cli(&["HGET", &keys::Keys::new(16).user(user_id), "d"])?;
         serde_json::from_str(&json).ok()
     }
 
@@ -737,8 +738,14 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
         let shown = set_status(&server, who, pb::UserStatus::Invisible, "").await;
         assert_eq!(shown.status(), pb::VisibleStatus::Offline);
     }
-    // The choice went through the node's history buffer; let it reach ScyllaDB.
+    // The choice went through the node's history buffer, and Dan's session
+    // through the change log to the history projection; let both reach
+    // ScyllaDB before Redis, and the log with it, goes away.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(PROJECTED_WITHIN, "dan's session in the history", || async {
+        history_statuses(&server, &dan).await.len() == 2
+    })
+    .await;
     let mut watch = Watch::open(&server, &alice).await;
 
     let outage = Outage::begin(&services, Service::Redis);

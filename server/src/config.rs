@@ -208,6 +208,19 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_HISTORY_RETENTION", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
     pub history_retention: Duration,
 
+    /// How many partitions spread the users, the change log and the fan-out
+    /// (1 to 1024). A user's changes stay in order within their partition;
+    /// a partition is one Redis slot, so use at least 4 per Redis master.
+    /// Every node of a deployment must use the same count: a node started
+    /// with another one refuses to start.
+    #[arg(long, env = "PRESENCE_LOG_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
+    pub log_partitions: u16,
+
+    /// How long the change log keeps a change (at least the history
+    /// retention is advised: the history is written from the log).
+    #[arg(long, env = "PRESENCE_LOG_RETENTION", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
+    pub log_retention: Duration,
+
     #[command(flatten)]
     pub limits: LimitsConfig,
 
@@ -293,6 +306,17 @@ pub struct LimitsConfig {
         global = true
     )]
     pub max_heartbeat_streams_per_user: usize,
+
+    /// Most open ChangeFeed streams (Consume and Tail) per caller on one
+    /// node. Only admin callers may open them; each holds a few tasks and
+    /// up to its batches in flight.
+    #[arg(
+        long,
+        env = "PRESENCE_MAX_FEED_STREAMS_PER_USER",
+        default_value_t = 16,
+        global = true
+    )]
+    pub max_feed_streams_per_user: usize,
 
     /// Most visible-state changes per second one user may cause (session
     /// opens, status and activity changes; bursts of twice this). Each one

@@ -27,6 +27,7 @@ pub mod config;
 pub mod connections;
 pub mod degraded;
 pub mod domain;
+pub mod feed;
 pub mod hub;
 pub mod leases;
 pub mod metrics;
@@ -43,6 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use presence_proto::v1::change_feed_server::ChangeFeedServer;
 use presence_proto::v1::contacts_service_server::ContactsServiceServer;
 use presence_proto::v1::presence_service_server::PresenceServiceServer;
 use tokio::net::TcpListener;
@@ -56,8 +58,10 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::api::Api;
+use crate::api::feed::FeedApi;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::feed::{Feed, FeedConfig};
 use crate::hub::Hub;
 use crate::node::{Backends, Node};
 use crate::store::buffered::{BufferConfig, BufferedHistory};
@@ -65,8 +69,9 @@ use crate::store::cached::CachedContacts;
 use crate::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
+use crate::store::embedded_log::EmbeddedChangeLog;
 use crate::store::redis::RedisOptions;
-use crate::store::{ContactStore, FanOut, HistoryStore, HotStore};
+use crate::store::{ChangeLog, ContactStore, FanOut, HistoryStore, HotStore};
 
 /// The backends a node runs on, as the configuration names them, with what
 /// the node must look after besides.
@@ -74,6 +79,10 @@ pub struct OpenedBackends {
     pub backends: Backends,
     /// Flushed before the node exits (when the durable store is remote).
     pub history_buffer: Option<Arc<BufferedHistory>>,
+    /// Where the history projection writes what the change log holds: the
+    /// durable store itself, not the buffer, so that a change is
+    /// acknowledged in the log only once it is durable.
+    pub projection: Arc<dyn HistoryStore>,
     /// Ticks when cross-node fan-out may have lost events (Redis pub/sub
     /// does not replay): the node then refills its watchers.
     pub fanout_gaps: Option<signal::Receiver<u64>>,
@@ -90,19 +99,35 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
     } else {
         let mut options = RedisOptions::new(&config.redis_cluster, config.history_retention);
         options.op_timeout = config.redis_timeout;
+        options.partitions = config.log_partitions;
+        options.log_retention = config.log_retention;
         Some(store::redis::connect_with(options, hub.clone()).await?)
     };
-    let (hot, fanout, fanout_gaps): (Arc<dyn HotStore>, Arc<dyn FanOut>, _) = match &redis {
+    type Shared = (
+        Arc<dyn HotStore>,
+        Arc<dyn FanOut>,
+        Arc<dyn ChangeLog>,
+        Option<signal::Receiver<u64>>,
+    );
+    let (hot, fanout, log, fanout_gaps): Shared = match &redis {
         Some(redis) => (
             redis.hot.clone(),
             redis.fanout.clone(),
+            redis.log.clone(),
             Some(redis.fanout.gaps()),
         ),
-        None => (
-            Arc::new(EmbeddedHotStore::default()),
-            Arc::new(EmbeddedFanOut::new(hub.clone())),
-            None,
-        ),
+        None => {
+            let log = Arc::new(EmbeddedChangeLog::new(
+                config.log_partitions,
+                config.log_retention,
+            ));
+            (
+                Arc::new(EmbeddedHotStore::new(log.clone(), hub.clone())),
+                Arc::new(EmbeddedFanOut::new(hub.clone())),
+                log,
+                None,
+            )
+        }
     };
     // History kept remotely (ScyllaDB, else Redis) is written through a
     // buffer, so that a change acknowledged while the store blinks still
@@ -126,31 +151,41 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
             (Some(redis), true) => (redis.contacts.clone(), Some(redis.history.clone())),
             (None, true) => (Arc::new(EmbeddedContactStore::default()), None),
         };
-    let (history, history_buffer): (Arc<dyn HistoryStore>, _) = match remote_history {
-        Some(remote) => {
-            let buffer = BufferedHistory::start(
-                remote,
-                BufferConfig {
-                    capacity: config.history_buffer,
-                    ..BufferConfig::default()
-                },
-            );
-            (buffer.clone(), Some(buffer))
-        }
-        None => (EmbeddedHistoryStore::start(config.history_retention), None),
-    };
+    let (history, history_buffer, projection): (Arc<dyn HistoryStore>, _, Arc<dyn HistoryStore>) =
+        match remote_history {
+            Some(remote) => {
+                let buffer = BufferedHistory::start(
+                    remote.clone(),
+                    BufferConfig {
+                        capacity: config.history_buffer,
+                        ..BufferConfig::default()
+                    },
+                );
+                (buffer.clone(), Some(buffer), remote)
+            }
+            None => {
+                let history = EmbeddedHistoryStore::start(config.history_retention);
+                (history.clone(), None, history)
+            }
+        };
     Ok(OpenedBackends {
         backends: Backends {
             hot,
             contacts,
             history,
             fanout,
+            log,
             hub,
         },
         history_buffer,
+        projection,
         fanout_gaps,
     })
 }
+
+/// How long a leaving node waits for its history projection to finish its
+/// batch and leave its group.
+const PROJECTION_LEAVES_WITHIN: Duration = Duration::from_secs(5);
 
 /// How long after the grace period a draining node waits for clients to
 /// close their last streams.
@@ -202,8 +237,21 @@ pub async fn run_with_tls(
             .with_audience(config.jwt_audience.as_deref()),
     );
     let opened = open_backends(&config).await?;
+    let feed = Feed::new(opened.backends.log.clone(), FeedConfig::default());
     let node = Node::new(config.clone(), node_id.clone(), opened.backends);
     node.join().await?;
+    // Without it the history stops growing while the log fills up: a panic
+    // in it ends the process.
+    let (stop_projection, projection_stopped) = signal::channel(false);
+    let projection = spawn_critical(
+        "history projection",
+        feed::run_projection(
+            feed.clone(),
+            opened.projection.clone(),
+            node_id.clone(),
+            projection_stopped,
+        ),
+    );
     if let Some(gaps) = opened.fanout_gaps {
         spawn_critical(
             "fan-out gap refill",
@@ -215,6 +263,7 @@ pub async fn run_with_tls(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PresenceServiceServer<Api>>().await;
     health.set_serving::<ContactsServiceServer<Api>>().await;
+    health.set_serving::<ChangeFeedServer<FeedApi>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(presence_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -228,9 +277,11 @@ pub async fn run_with_tls(
     let presence = PresenceServiceServer::new(api.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let contacts = ContactsServiceServer::new(api)
+    let contacts = ContactsServiceServer::new(api.clone())
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    let change_feed =
+        ChangeFeedServer::new(FeedApi::new(api, feed)).max_decoding_message_size(max_message);
 
     let (stop_maintenance, maintenance_stopped) = signal::channel(false);
     // Sweeps and lease renewals: without them sessions never end (ghosts)
@@ -260,7 +311,7 @@ pub async fn run_with_tls(
         shutdown.await;
         tracing::info!("draining: telling streams to go away");
         // Every name a checker may ask for, "" (the whole server) included.
-        for service in ["", PRESENCE_SERVICE, CONTACTS_SERVICE] {
+        for service in ["", PRESENCE_SERVICE, CONTACTS_SERVICE, FEED_SERVICE] {
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
@@ -274,6 +325,7 @@ pub async fn run_with_tls(
         .add_service(reflection_v1alpha)
         .add_service(presence)
         .add_service(contacts)
+        .add_service(change_feed)
         .clone()
         .routes()
         .prepare();
@@ -310,6 +362,15 @@ pub async fn run_with_tls(
         return Err(task_stopped("maintenance", Err(error)));
     }
     node.leave().await;
+    stop_projection.send_replace(true);
+    if tokio::time::timeout(PROJECTION_LEAVES_WITHIN, projection)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the history projection did not leave its group in time; other nodes take its partitions when its membership expires"
+        );
+    }
     // Changes made while draining may still be buffered for the durable store.
     if let Some(buffer) = opened.history_buffer
         && let Err(unflushed) = buffer.flush(Duration::from_secs(10)).await
@@ -322,6 +383,7 @@ pub async fn run_with_tls(
 
 const PRESENCE_SERVICE: &str = "presence.v1.PresenceService";
 const CONTACTS_SERVICE: &str = "presence.v1.ContactsService";
+const FEED_SERVICE: &str = "presence.v1.ChangeFeed";
 
 /// Why a task that should run as long as the node ended early.
 pub fn task_stopped(name: &str, outcome: Result<(), JoinError>) -> anyhow::Error {

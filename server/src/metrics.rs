@@ -18,6 +18,7 @@ pub const RECONNECTS_IN_GRACE: &str = "presence_reconnects_in_grace_total";
 pub const SNAPSHOT_SIZE: &str = "presence_snapshot_size";
 pub const BACKEND_ERRORS: &str = "presence_backend_errors_total";
 pub const HISTORY_BUFFERED: &str = "presence_history_buffered_rows";
+pub const PROJECTION_LAG: &str = "presence_projection_lag_seconds";
 
 pub fn describe() {
     // Connection bounds (connections.rs).
@@ -75,6 +76,11 @@ pub fn describe() {
         Unit::Count,
         "history rows waiting to be written to the durable store"
     );
+    describe_gauge!(
+        PROJECTION_LAG,
+        Unit::Seconds,
+        "age of the oldest change in the last batch this node's history projection wrote"
+    );
 }
 
 pub fn change() {
@@ -116,4 +122,8 @@ pub fn node_gauges(sessions: usize, watch_streams: usize, watched_users: usize) 
 
 pub fn history_buffered(rows: usize) {
     gauge!(HISTORY_BUFFERED).set(rows as f64);
+}
+
+pub fn projection_lag(lag: std::time::Duration) {
+    gauge!(PROJECTION_LAG).set(lag.as_secs_f64());
 }

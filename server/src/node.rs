@@ -23,7 +23,8 @@ use crate::leases::{Expired, Leases, SessionKey, StreamEnd, StreamEnded};
 use crate::metrics;
 use crate::quota::{QuotaLimits, Quotas, StreamKind, StreamSlot};
 use crate::store::{
-    BusEvent, ChoiceRecord, ContactStore, FanOut, HistoryStore, HotStore, StoreError, choice_stamp,
+    BusEvent, ChangeLog, ChoiceRecord, ContactStore, FanOut, HistoryStore, HotStore, StoreError,
+    choice_stamp,
 };
 
 /// The backends a node runs on.
@@ -32,6 +33,9 @@ pub struct Backends {
     pub contacts: Arc<dyn ContactStore>,
     pub history: Arc<dyn HistoryStore>,
     pub fanout: Arc<dyn FanOut>,
+    /// Written by `hot.apply` itself; the node reads it only to serve the
+    /// change feed.
+    pub log: Arc<dyn ChangeLog>,
     pub hub: Arc<Hub>,
 }
 
@@ -148,6 +152,7 @@ impl Node {
         let quotas = Quotas::new(QuotaLimits {
             max_heartbeat_streams: config.limits.max_heartbeat_streams_per_user,
             max_watches: config.limits.max_watches_per_user,
+            max_feed_streams: config.limits.max_feed_streams_per_user,
             changes_per_second: config.limits.max_user_changes_per_second,
             changes_per_hour: config.limits.max_user_changes_per_hour,
         });
@@ -175,10 +180,12 @@ impl Node {
         }
     }
 
-    /// Applies a mutation; when what contacts see changes, records it in the
-    /// history and fans it out. While the hot store is unreachable, and for a
-    /// user whose changes from then are not replayed yet, the change goes to
-    /// this node's own record of the user instead ([`crate::degraded`]).
+    /// Applies a mutation. When what contacts see changes, the hot store
+    /// logs it and fans it out in the same step, and the history is written
+    /// from the log ([`crate::feed::run_projection`]). While the hot store is
+    /// unreachable, and for a user whose changes from then are not replayed
+    /// yet, the change goes to this node's own record of the user instead
+    /// ([`crate::degraded`]).
     pub async fn mutate(&self, user_id: &str, mutation: Mutation) -> Result<UserRecord, ApiError> {
         // Holding on to a user until their queue is replayed keeps their
         // changes in order: the hot store must not see a new change before
@@ -213,21 +220,8 @@ impl Node {
         }
         if applied.shown_changed {
             metrics::change();
-            self.publish_change(user_id, &record).await;
         }
         Ok(record)
-    }
-
-    async fn publish_change(&self, user_id: &str, record: &UserRecord) {
-        self.record_history(user_id, &record.shown).await;
-        let event = BusEvent::Presence {
-            user_id: user_id.to_owned(),
-            record: record.clone(),
-        };
-        if let Err(error) = self.backends.fanout.publish(event).await {
-            metrics::backend_error("fanout");
-            tracing::warn!(%error, user_id, "fan-out publish failed");
-        }
     }
 
     async fn record_history(&self, user_id: &str, shown: &Shown) {

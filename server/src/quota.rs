@@ -56,6 +56,7 @@ impl TokenBucket {
 pub enum StreamKind {
     Heartbeat,
     Watch,
+    Feed,
 }
 
 impl StreamKind {
@@ -63,6 +64,7 @@ impl StreamKind {
         match self {
             StreamKind::Heartbeat => "heartbeat streams",
             StreamKind::Watch => "watches",
+            StreamKind::Feed => "feed streams",
         }
     }
 }
@@ -78,6 +80,7 @@ struct ChangeBudget {
 pub struct QuotaLimits {
     pub max_heartbeat_streams: usize,
     pub max_watches: usize,
+    pub max_feed_streams: usize,
     pub changes_per_second: u32,
     pub changes_per_hour: u32,
 }
@@ -113,6 +116,7 @@ impl Quotas {
         let limit = match kind {
             StreamKind::Heartbeat => self.limits.max_heartbeat_streams,
             StreamKind::Watch => self.limits.max_watches,
+            StreamKind::Feed => self.limits.max_feed_streams,
         };
         let key = (user_id.to_owned(), kind);
         let mut streams = self.streams.lock();
@@ -210,6 +214,7 @@ mod tests {
         Quotas::new(QuotaLimits {
             max_heartbeat_streams: 2,
             max_watches: 1,
+            max_feed_streams: 1,
             changes_per_second: 2,
             changes_per_hour: 6,
         })

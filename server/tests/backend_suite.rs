@@ -25,6 +25,7 @@ use presence_server::store::cached::CachedContacts;
 use presence_server::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
+use presence_server::store::embedded_log::EmbeddedChangeLog;
 use presence_server::store::redis::{RedisBackends, keys};
 use presence_server::store::{
     BusEvent, ChoiceRecord, DurableState, FanOut, HotStore, StoreError, StoreResult,
@@ -97,11 +98,13 @@ fn presence_event(user: &str, version: u64) -> BusEvent {
 
 fn embedded() -> Backends {
     let hub = Arc::new(Hub::default());
+    let log = Arc::new(EmbeddedChangeLog::new(16, Duration::from_secs(24 * 3600)));
     Backends {
-        hot: Arc::new(EmbeddedHotStore::default()),
+        hot: Arc::new(EmbeddedHotStore::new(log.clone(), hub.clone())),
         contacts: Arc::new(EmbeddedContactStore::default()),
         history: Arc::new(EmbeddedHistoryStore::new(Duration::from_secs(24 * 3600))),
         fanout: Arc::new(EmbeddedFanOut::new(hub.clone())),
+        log,
         hub,
     }
 }
@@ -578,6 +581,7 @@ async fn redis_cluster() -> Option<Backends> {
             fanout: redis.fanout,
             _hold: hold,
         }),
+        log: redis.log,
         hub,
     })
 }
@@ -606,7 +610,7 @@ async fn redis_change_on_one_node_reaches_watchers_on_another() {
     let _shared = REDIS_EXCLUSIVE.read().await;
     let (a, _hub_a) = redis_node(&urls).await;
     let (_b, hub_b) = redis_node(&urls).await;
-    let users = user_per_bucket("remote");
+    let users = user_per_partition("remote");
     let watcher = hub_b.register("watcher", Viewer::Contact, false);
     for user in &users {
         hub_b.watch(&watcher, user);
@@ -885,13 +889,14 @@ async fn cluster_script(urls: &[String], args: &[&str]) {
     assert!(status.success(), "redis-cluster.sh {args:?} failed");
 }
 
-/// One fresh user per fan-out bucket: between them they live on every master
+/// One fresh user per partition: between them they live on every master
 /// and use every channel.
-fn user_per_bucket(name: &str) -> Vec<String> {
+fn user_per_partition(name: &str) -> Vec<String> {
+    let keys = keys::Keys::new(16);
     let mut users = HashMap::new();
-    while users.len() < usize::from(keys::BUS_BUCKETS) {
+    while users.len() < usize::from(keys.partitions()) {
         let user = unique(name);
-        users.entry(keys::bus_bucket(&user)).or_insert(user);
+        users.entry(keys.partition_of(&user)).or_insert(user);
     }
     users.into_values().collect()
 }
@@ -923,7 +928,7 @@ async fn redis_store_and_fanout_survive_a_master_failover() {
     let (b, hub_b) = redis_node(&urls).await;
     let node = unique("node");
     assert!(renew(a.hot.as_ref(), &node, Duration::from_secs(60)).await);
-    let users = user_per_bucket("everywhere");
+    let users = user_per_partition("everywhere");
     for user in &users {
         set_busy(a.hot.as_ref(), user).await.unwrap();
     }
@@ -1009,9 +1014,9 @@ async fn redis_follows_a_slot_to_another_master() {
     let _exclusive = REDIS_EXCLUSIVE.write().await;
     let (a, _) = redis_node(&urls).await;
     let (b, hub_b) = redis_node(&urls).await;
-    // Slot 0 holds the channel of bucket 0; find a user in that very slot.
+    // Slot 0 holds partition 0 and its channel; find a user in it.
     let user = std::iter::repeat_with(|| unique("mover"))
-        .find(|user| keys::user_slot(user) == 0)
+        .find(|user| keys::Keys::new(16).user_slot(user) == 0)
         .unwrap();
     let node = unique("node");
     open_on(a.hot.as_ref(), &user, &node).await;

@@ -28,6 +28,12 @@ pub const SWEEP: Duration = Duration::from_millis(100);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// FR4: every change is visible to watchers within this.
 pub const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
+/// A change reaches the history (written from the change log by the
+/// history projection) within this: a few milliseconds normally, and up to
+/// a member's expiry (3 s), a renewal (1 s) and a read (1 s) after the node
+/// whose member owned the partition died, or on a store a previous test's
+/// nodes still count as members of.
+pub const PROJECTED_WITHIN: Duration = Duration::from_secs(10);
 
 /// Server flags that lift the per-user change budget, for tests that make
 /// far more changes than one user may by default.

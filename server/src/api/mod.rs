@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod error;
+pub mod feed;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ const MAX_HISTORY_PAGE: usize = 1000;
 
 #[derive(Clone)]
 pub struct Api {
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
     auth: Arc<Authenticator>,
 }
 
@@ -41,7 +42,7 @@ impl Api {
     /// The caller the token names. With
     /// `--tls-require-client-cert-for-admin`, an admin-scoped token is only
     /// taken from a connection that presented a verified client certificate.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
+    pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
         let caller = self.auth.verify(request.metadata())?;
         if caller.admin
             && self.node.config.tls_require_client_cert_for_admin
@@ -82,7 +83,7 @@ impl Api {
         convert::id_batch(contact_ids, "contact_ids", limits.max_batch, limits)
     }
 
-    fn check_admin(&self, caller: &Caller) -> Result<(), ApiError> {
+    pub(crate) fn check_admin(&self, caller: &Caller) -> Result<(), ApiError> {
         if caller.admin {
             return Ok(());
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
+use super::embedded_log::EmbeddedChangeLog;
 use super::{
     BusEvent, ChoiceRecord, ContactStore, DurableState, FanOut, HistoryStore, HotStore, StoreError,
     StoreResult,
@@ -17,10 +18,22 @@ use crate::hub::Hub;
 
 /// Hot state in a map. std-style (parking_lot) Mutex, not Tokio's: nothing
 /// async runs while it is held, and each critical section is a few map
-/// operations.
-#[derive(Default)]
+/// operations. A visible change is logged and handed to the hub under the
+/// same lock, so both see each user's changes in version order.
 pub struct EmbeddedHotStore {
     users: Mutex<HashMap<String, UserRecord>>,
+    log: Arc<EmbeddedChangeLog>,
+    hub: Arc<Hub>,
+}
+
+impl EmbeddedHotStore {
+    pub fn new(log: Arc<EmbeddedChangeLog>, hub: Arc<Hub>) -> Self {
+        EmbeddedHotStore {
+            users: Mutex::default(),
+            log,
+            hub,
+        }
+    }
 }
 
 #[async_trait]
@@ -41,6 +54,13 @@ impl HotStore for EmbeddedHotStore {
             } else {
                 users.insert(user_id.to_owned(), record.clone());
             }
+        }
+        if applied.shown_changed {
+            self.log.append(user_id, &record, now_ms);
+            self.hub.deliver(&BusEvent::Presence {
+                user_id: user_id.to_owned(),
+                record: record.clone(),
+            });
         }
         Ok((record, applied))
     }

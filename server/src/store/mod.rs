@@ -5,9 +5,12 @@
 pub mod buffered;
 pub mod cached;
 pub mod embedded;
+pub mod embedded_log;
 pub mod redis;
 pub mod scylla;
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -35,7 +38,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait HotStore: Send + Sync + 'static {
     /// Applies `mutation` to the user's record atomically with respect to every
     /// other `apply` on the same user, on any node, and returns the record
-    /// after it. A record left empty by the mutation may be deleted.
+    /// after it. A record left empty by the mutation may be deleted. When
+    /// what contacts see changed, the same atomic step appends the change to
+    /// the [`ChangeLog`] and publishes it on the [`FanOut`]: no crash can
+    /// leave a change written but not logged, or logged but not written.
     async fn apply(
         &self,
         user_id: &str,
@@ -198,6 +204,125 @@ pub enum BusEvent {
         /// The publishing node, which has settled its own leases already.
         node_id: String,
     },
+}
+
+/// A position in one partition of the change log, as Redis numbers stream
+/// entries: the appending clock in milliseconds, then a sequence within that
+/// millisecond. Written `<ms>-<seq>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl Offset {
+    /// The offset just before every entry logged at or after `ms`.
+    pub fn before(ms: u64) -> Offset {
+        match ms.checked_sub(1) {
+            Some(ms) => Offset { ms, seq: u64::MAX },
+            None => Offset::default(),
+        }
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for Offset {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        match (ms.parse(), seq.parse()) {
+            (Ok(ms), Ok(seq)) => Ok(Offset { ms, seq }),
+            _ => Err(format!("not an offset: {text:?}")),
+        }
+    }
+}
+
+/// One change of what contacts see, as the change log holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedChange {
+    pub partition: u16,
+    pub offset: Offset,
+    pub user_id: String,
+    /// The user's whole record after the change; `record.shown.version` is
+    /// the change's version.
+    pub record: UserRecord,
+}
+
+/// Where a consumer group starts reading when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupStart {
+    /// Changes logged from now on.
+    Latest,
+    /// Everything still retained.
+    Oldest,
+    /// Changes logged at or after this Unix time, in milliseconds.
+    At(u64),
+}
+
+/// The change log: every change of what contacts see, appended by
+/// [`HotStore::apply`] once per version into the partition of its user (so a
+/// user's changes stay in version order), kept for the retention period.
+/// Consumer groups read it at least once: what a member reads stays pending
+/// until acknowledged, and pending changes left idle can be claimed by
+/// another member.
+#[async_trait]
+pub trait ChangeLog: Send + Sync + 'static {
+    fn partitions(&self) -> u16;
+
+    /// Up to `count` changes of `partition` after `after`, waiting up to
+    /// `wait` for the first.
+    async fn read(
+        &self,
+        partition: u16,
+        after: Offset,
+        count: usize,
+        wait: Duration,
+    ) -> StoreResult<Vec<LoggedChange>>;
+
+    /// Creates `group` on every partition, starting at `start`; a group that
+    /// exists keeps its position.
+    async fn create_group(&self, group: &str, start: GroupStart) -> StoreResult<()>;
+
+    /// Up to `count` changes of `partition` that no member of `group` has
+    /// read, waiting up to `wait` for the first; they become pending for
+    /// `consumer`.
+    async fn read_group(
+        &self,
+        group: &str,
+        consumer: &str,
+        partition: u16,
+        count: usize,
+        wait: Duration,
+    ) -> StoreResult<Vec<LoggedChange>>;
+
+    /// Up to `count` changes of `partition` pending in `group` for longer
+    /// than `idle` (their reader vanished or never acknowledged), now
+    /// pending for `consumer`, oldest first.
+    async fn claim_stale(
+        &self,
+        group: &str,
+        consumer: &str,
+        partition: u16,
+        idle: Duration,
+        count: usize,
+    ) -> StoreResult<Vec<LoggedChange>>;
+
+    /// Acknowledges changes of `partition` read in `group`; acknowledging
+    /// twice is harmless.
+    async fn ack(&self, group: &str, partition: u16, offsets: &[Offset]) -> StoreResult<()>;
+
+    /// Marks `member` of `group` alive for `ttl` and returns every member
+    /// alive, sorted.
+    async fn join(&self, group: &str, member: &str, ttl: Duration) -> StoreResult<Vec<String>>;
+
+    /// Removes `member` from `group` at once.
+    async fn leave(&self, group: &str, member: &str) -> StoreResult<()>;
 }
 
 /// Cross-node fan-out. Implementations deliver every published event to the

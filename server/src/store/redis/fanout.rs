@@ -2,15 +2,19 @@
 //!
 //! # Channel scheme
 //!
-//! Events travel on 256 sharded channels (`SPUBLISH`/`SSUBSCRIBE`); a user's
-//! events always take the channel of the user's bucket (neighbouring slots
-//! share one), and every node subscribes to all 256. One channel per user
-//! keeps each user's events in publish order, and one subscription per
-//! channel per node delivers each event once per node. The channels' hash
-//! tags put channel `b` at slot `b * 64`, so they spread evenly over however
-//! many masters own the slot ranges, and publishing costs one `SPUBLISH` to
-//! one shard, never a cluster-wide broadcast like classic `PUBLISH`. We chose
-//! buckets over a channel per watched user because presence changes are
+//! Events travel on one sharded channel per partition (`SPUBLISH`/
+//! `SSUBSCRIBE`, 16 by default, see [`super::keys`]); a user's events always take
+//! their partition's channel, and every node subscribes to all of them. One
+//! channel per user keeps each user's events in publish order, and one
+//! subscription per channel per node delivers each event once per node. A
+//! channel shares its slot with its partition's records and change log, so
+//! the script that writes a change publishes it too (see [`super::hot`]);
+//! the partitions spread evenly over however many masters own the slot
+//! ranges, and publishing costs one `SPUBLISH` to one shard, never a
+//! cluster-wide broadcast like classic `PUBLISH`. Every message on a channel
+//! also wakes this node's readers of that partition's change log
+//! ([`super::RedisChangeLog`]). We chose partitions over a channel per
+//! watched user because presence changes are
 //! small and frequent while watchers come and go: per-user channels would turn
 //! every watch, unwatch and contact change into subscription traffic, and a
 //! failover into re-subscribing tens of thousands of channels; with buckets
@@ -40,10 +44,12 @@
 //!
 //! # Message format
 //!
-//! `kind` (1 byte: `P` presence, `C` contacts), the user id's length (4 bytes,
-//! big-endian), the user id, then the [`BusEvent`] as JSON. A probe is kind
-//! `H`, the prober's instance id in place of the user id, then the probe
-//! round (8 bytes) and the bucket (2 bytes), big-endian.
+//! `kind` (1 byte: `P` presence, `C` contacts, `D` device taken), the user
+//! id's length (4 bytes, big-endian), the user id, then for `P` the user's
+//! record as JSON (what the hot store writes, so the script publishes it as
+//! is), for the others the [`BusEvent`] as JSON. A probe is kind `H`, the
+//! prober's instance id in place of the user id, then the probe round (8
+//! bytes) and the channel's partition (2 bytes), big-endian.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,11 +65,11 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::{Error, Redis, RedisOptions, decode, encode, keys};
+use super::{Error, Redis, RedisOptions, decode, encode};
 use crate::hub::Hub;
 use crate::store::{BusEvent, FanOut, StoreError, StoreResult};
 
-const PRESENCE: u8 = b'P';
+pub(super) const PRESENCE: u8 = b'P';
 const CONTACTS: u8 = b'C';
 const DEVICE: u8 = b'D';
 const PROBE: u8 = b'H';
@@ -109,6 +115,8 @@ struct Subscription {
     echo: Notify,
     /// How many times the subscriptions were restored after a loss.
     gaps: watch::Sender<u64>,
+    /// Per partition, woken by every message on its channel.
+    wakeups: Arc<Vec<Notify>>,
     /// Events received, and of those dropped unread because nobody on this
     /// node watches the user.
     received: AtomicU64,
@@ -135,8 +143,11 @@ impl RedisFanOut {
         redis: Arc<Redis>,
         options: &RedisOptions,
         hub: Arc<Hub>,
+        wakeups: Arc<Vec<Notify>>,
     ) -> StoreResult<(Arc<RedisFanOut>, JoinHandle<()>)> {
-        let channels: Vec<String> = (0..keys::BUS_BUCKETS).map(keys::bus_channel).collect();
+        let channels: Vec<String> = (0..redis.keys.partitions())
+            .map(|partition| redis.keys.bus_channel(partition))
+            .collect();
         let subscription = Arc::new(Subscription {
             hub,
             instance_id: format!("{:016x}", rand::random::<u64>()),
@@ -155,6 +166,7 @@ impl RedisFanOut {
             lost: Notify::new(),
             echo: Notify::new(),
             gaps: watch::channel(0).0,
+            wakeups,
             received: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
         });
@@ -199,7 +211,7 @@ impl RedisFanOut {
                     .count();
                 return Err(StoreError::Unavailable(format!(
                     "{failing} of {} fan-out channels could not be subscribed within {:?}",
-                    keys::BUS_BUCKETS,
+                    subscription.channels.len(),
                     options.op_timeout
                 )));
             }
@@ -246,17 +258,25 @@ impl RedisFanOut {
 #[async_trait]
 impl FanOut for RedisFanOut {
     async fn publish(&self, event: BusEvent) -> StoreResult<()> {
-        let (kind, user_id) = match &event {
-            BusEvent::Presence { user_id, .. } => (PRESENCE, user_id),
-            BusEvent::Contacts { user_id, .. } => (CONTACTS, user_id),
-            BusEvent::DeviceTaken { user_id, .. } => (DEVICE, user_id),
+        let (user_id, message) = match &event {
+            BusEvent::Presence { user_id, record } => (
+                user_id,
+                frame(PRESENCE, user_id, &encode("user record", record)?),
+            ),
+            BusEvent::Contacts { user_id, .. } => (
+                user_id,
+                frame(CONTACTS, user_id, &encode("bus event", &event)?),
+            ),
+            BusEvent::DeviceTaken { user_id, .. } => (
+                user_id,
+                frame(DEVICE, user_id, &encode("bus event", &event)?),
+            ),
         };
-        let message = frame(kind, user_id, &encode("bus event", &event)?);
         self.redis
             .run(async {
                 let mut conn = self.redis.conn().await?;
                 redis::cmd("SPUBLISH")
-                    .arg(keys::bus_channel_of(user_id))
+                    .arg(self.redis.keys.bus_channel_of(user_id))
                     .arg(message)
                     .query_async::<()>(&mut conn)
                     .await?;
@@ -266,7 +286,7 @@ impl FanOut for RedisFanOut {
     }
 }
 
-fn frame(kind: u8, id: &str, body: &[u8]) -> Vec<u8> {
+pub(super) fn frame(kind: u8, id: &str, body: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(5 + id.len() + body.len());
     message.push(kind);
     message.extend_from_slice(&u32::try_from(id.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -293,7 +313,12 @@ impl Subscription {
     fn on_push(&self, push: PushInfo) {
         match push.kind {
             PushKind::SMessage => {
-                if let [_, Value::BulkString(message)] = push.data.as_slice() {
+                if let [Value::BulkString(channel), Value::BulkString(message)] =
+                    push.data.as_slice()
+                {
+                    if let Some(partition) = self.bucket_of.get(channel) {
+                        self.wakeups[*partition].notify_waiters();
+                    }
                     self.on_message(message);
                 }
             }
@@ -335,7 +360,15 @@ impl Subscription {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match decode::<BusEvent>("bus event", body) {
+        let event = if kind == PRESENCE {
+            decode("user record", body).map(|record| BusEvent::Presence {
+                user_id: id.to_owned(),
+                record,
+            })
+        } else {
+            decode::<BusEvent>("bus event", body)
+        };
+        match event {
             Ok(event) => self.hub.deliver(&event),
             Err(error) => tracing::warn!(%error, user_id = id, "undecodable fan-out event dropped"),
         }

@@ -10,6 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use redis::cluster_async::ClusterConnection;
 
+use super::fanout::{PRESENCE, frame};
 use super::scripts::{CAS_RECORD, FORGET_NODE, LOST_NODES, RENEW_NODE};
 use super::{Error, Redis, RedisOptions, decode, encode, keys, millis};
 use crate::domain::{self, Applied, Limits, Mutation, TransitionError, UserRecord};
@@ -35,6 +36,7 @@ pub struct RedisHotStore {
     instance_id: String,
     idle_record_ttl_ms: u64,
     claim_ttl_ms: u64,
+    log_retention_ms: u64,
     /// The nodes this instance renewed at least once: finding one of them
     /// gone from the store later means the store lost it.
     registered: Mutex<HashSet<String>>,
@@ -73,6 +75,7 @@ impl RedisHotStore {
             instance_id: format!("{:016x}", rand::random::<u64>()),
             idle_record_ttl_ms: millis(options.idle_record_ttl).max(1),
             claim_ttl_ms: millis(options.reclaim_claim_ttl).max(1),
+            log_retention_ms: millis(options.log_retention),
             registered: Mutex::default(),
             marked: Mutex::default(),
         }
@@ -127,8 +130,10 @@ impl RedisHotStore {
         now_ms: i64,
         limits: Limits,
     ) -> Result<Result<(UserRecord, Applied), TransitionError>, Error> {
-        let key = keys::user(user_id);
-        let slot = keys::slot_of(key.as_bytes());
+        let keys = &self.redis.keys;
+        let key = keys.user(user_id);
+        let slot = keys.user_slot(user_id);
+        let partition = keys.partition_of(user_id);
         let mut conn = self.redis.conn().await?;
         let (revision, stored): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
             .arg(&key)
@@ -165,18 +170,25 @@ impl RedisHotStore {
                 0
             };
             let mut cas = CAS_RECORD.prepare_invoke();
-            cas.key(&key);
+            cas.key(&key).key(keys.log(partition));
             for node in &nodes {
                 cas.key(keys::node_index(slot, node));
             }
             for node in nodes_of(&before).difference(&nodes) {
                 cas.key(keys::node_index(slot, node));
             }
+            let log_horizon = u64::try_from(now_ms)
+                .unwrap_or(0)
+                .saturating_sub(self.log_retention_ms);
             cas.arg(revision)
                 .arg(data)
                 .arg(user_id)
                 .arg(nodes.len())
-                .arg(ttl_ms);
+                .arg(ttl_ms)
+                .arg(if applied.shown_changed { "1" } else { "0" })
+                .arg(keys.bus_channel(partition))
+                .arg(frame(PRESENCE, user_id, b""))
+                .arg(log_horizon);
             let (written, current_revision, current): (i64, u64, Vec<u8>) =
                 cas.invoke_async(&mut conn).await?;
             if written == 1 {
@@ -261,7 +273,7 @@ impl HotStore for RedisHotStore {
         self.redis
             .per_user(user_ids, |mut conn, user_id| async move {
                 let data: Option<Vec<u8>> = redis::cmd("HGET")
-                    .arg(keys::user(user_id))
+                    .arg(self.redis.keys.user(user_id))
                     .arg("d")
                     .query_async(&mut conn)
                     .await?;
@@ -272,19 +284,27 @@ impl HotStore for RedisHotStore {
 
     async fn seed(&self, user_id: &str, record: &UserRecord) -> StoreResult<bool> {
         // The compare-and-set against revision 0 writes only a missing record.
-        // A seeded record has no sessions, so no node index is involved.
+        // A seeded record has no sessions, so no node index is involved, and
+        // it is no change: nothing is logged or published.
         let data = encode("user record", record)?;
+        let keys = &self.redis.keys;
+        let partition = keys.partition_of(user_id);
         let (written, _, _): (i64, u64, Vec<u8>) = self
             .redis
             .run(async {
                 let mut conn = self.redis.conn().await?;
                 Ok(CAS_RECORD
-                    .key(keys::user(user_id))
+                    .key(keys.user(user_id))
+                    .key(keys.log(partition))
                     .arg(0)
                     .arg(data)
                     .arg(user_id)
                     .arg(0)
                     .arg(self.idle_record_ttl_ms)
+                    .arg("0")
+                    .arg(keys.bus_channel(partition))
+                    .arg("")
+                    .arg(0)
                     .invoke_async(&mut conn)
                     .await?)
             })

@@ -2,68 +2,108 @@
 //!
 //! | key | type | slot | holds |
 //! |---|---|---|---|
-//! | `presence:{u:<user>}` | hash `r`, `d` | the user's | revision and serialized [`UserRecord`](crate::domain::UserRecord) |
-//! | `presence:{u:<user>}:contacts` | set | the user's | the user's contacts |
-//! | `presence:{u:<user>}:history` | sorted set | the user's | history records, scored by version |
-//! | `presence:{u:<user>}:choice` | hash `at`, `d` | the user's | the user's latest durable choice: its stamp and the serialized [`ChoiceRecord`](crate::store::ChoiceRecord) |
-//! | `presence:{t<n>}:node:<node>` | set | the user's (see below) | users of that slot with a session on `<node>` |
+//! | `presence:{t<n>}:u:<user>` | hash `r`, `d` | the user's partition's | revision and serialized [`UserRecord`](crate::domain::UserRecord) |
+//! | `presence:{t<n>}:log` | stream | the partition's | the change log of the partition's users |
+//! | channel `presence:bus:{t<n>}` | sharded pub/sub | the partition's | fan-out events of the partition's users |
+//! | `presence:{t<n>}:node:<node>` | set | the partition's | users of that slot with a session on `<node>` |
+//! | `presence:{u:<user>}:contacts` | set | the user's own | the user's contacts |
+//! | `presence:{u:<user>}:contacts-cache` | set | the user's own | the user's cached contacts (the durable list is in ScyllaDB) |
+//! | `presence:{u:<user>}:history` | sorted set | the user's own | history records, scored by version (without ScyllaDB) |
+//! | `presence:{u:<user>}:choice` | hash `at`, `d` | the user's own | the user's latest durable choice (without ScyllaDB): its stamp and the serialized [`ChoiceRecord`](crate::store::ChoiceRecord) |
 //! | `presence:{nodes}:registry` | hash | `{nodes}` | every node that registered, and when |
 //! | `presence:{nodes}:lease:<node>` | string, TTL | `{nodes}` | the node's lease |
 //! | `presence:{nodes}:claim:<node>` | string, TTL | `{nodes}` | which store instance reclaims a lost node |
 //! | `presence:{nodes}:slots:<node>` | bitmap | `{nodes}` | the slots whose node index for `<node>` may hold users |
-//! | channel `presence:bus:{t<n>}` | sharded pub/sub | spread evenly | fan-out events of one bucket of users |
+//! | `presence:{nodes}:partitions` | string | `{nodes}` | the partition count every node must share |
+//! | `presence:{feed}:members:<group>` | hash | `{feed}` | a consumer group's members, each with the deadline of its last sign of life |
 //!
-//! Keys of one user share the hash tag `{u:<user>}`, so one Lua script can
-//! change them together. The node index is the one structure indexed by
-//! something else (the node), and it still has to change in the same script
-//! as the user's record, or a crash between two writes could leave a session
-//! the index does not know about (a ghost nobody reclaims). So the index is
-//! split per slot: the part for the users of slot `s` is tagged `{t<n>}`, the
-//! shortest tag of that form that hashes to `s` itself ([`slot_tag`]). Redis
-//! only requires the keys of a script to be in one slot, not to share a tag.
+//! Users are spread over P **partitions** (`--log-partitions`), a user always
+//! in the same one. A user's record, the partition's change log and its
+//! fan-out channel share one slot, so the one script that applies a change
+//! also appends it to the log and publishes it: no crash can separate the
+//! three. Partition `p` sits at slot `p * 16384 / P`, spreading the
+//! partitions evenly over the masters, which own contiguous slot ranges. The
+//! tag of a slot is `t<n>`, the shortest tag of that form that hashes to it
+//! ([`slot_tag`]); the node index, kept per slot for the same reason (a
+//! session the index misses would be a ghost nobody reclaims), uses the same
+//! tags. Redis only requires the keys of a script to be in one slot. A user's
+//! other keys are read and written on their own, so they keep a tag of the
+//! user's own (`{u:<user>}`), which spreads them over every slot.
 
 use std::sync::OnceLock;
 
 /// Hash slots in a Redis Cluster.
 pub const SLOTS: u16 = 16384;
 
-/// Sharded pub/sub channels of the fan-out. 256 spreads them evenly over any
-/// number of masters up to a few dozen (each owns contiguous slot ranges and
-/// channel `b` sits at slot `b * 64`) while keeping what every node subscribes
-/// to, and resubscribes after a failover, small.
-pub const BUS_BUCKETS: u16 = 256;
+/// The most partitions: enough for a cluster of a few hundred masters.
+pub const MAX_PARTITIONS: u16 = 1024;
 
 const PREFIX: &str = "presence:";
 
-/// The hash of one user's record: fields `r` (revision) and `d` (the record).
-pub fn user(user_id: &str) -> String {
-    format!("{PREFIX}{{u:{user_id}}}")
+/// The keys of users, which depend on how many partitions spread them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keys {
+    partitions: u16,
 }
 
-/// The set of the user's contacts.
-pub fn contacts(user_id: &str) -> String {
-    format!("{PREFIX}{{u:{user_id}}}:contacts")
-}
+impl Keys {
+    /// `partitions` is clamped to 1..=[`MAX_PARTITIONS`].
+    pub fn new(partitions: u16) -> Self {
+        Keys {
+            partitions: partitions.clamp(1, MAX_PARTITIONS),
+        }
+    }
 
-/// The sorted set of the user's history.
-pub fn history(user_id: &str) -> String {
-    format!("{PREFIX}{{u:{user_id}}}:history")
-}
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
 
-/// The hash of the user's latest durable choice (when Redis is the history
-/// store): fields `at` (its stamp) and `d` (the choice).
-pub fn choice(user_id: &str) -> String {
-    format!("{PREFIX}{{u:{user_id}}}:choice")
-}
+    /// The partition of `user_id`: the same on every node for a given
+    /// partition count.
+    pub fn partition_of(&self, user_id: &str) -> u16 {
+        partition_of(user_id, self.partitions)
+    }
 
-/// A user's cached contact list (the durable list is in ScyllaDB).
-pub fn contacts_cache(user_id: &str) -> String {
-    format!("{}:contacts-cache", user(user_id))
-}
+    /// The slot of `partition`, and of every key of its users.
+    pub fn partition_slot(&self, partition: u16) -> u16 {
+        let slot = u32::from(partition) * u32::from(SLOTS) / u32::from(self.partitions);
+        u16::try_from(slot).unwrap_or(SLOTS - 1)
+    }
 
-/// The slot every key of `user_id` lives in.
-pub fn user_slot(user_id: &str) -> u16 {
-    slot_of(user(user_id).as_bytes())
+    /// The slot every key of `user_id` lives in.
+    pub fn user_slot(&self, user_id: &str) -> u16 {
+        self.partition_slot(self.partition_of(user_id))
+    }
+
+    /// The hash of one user's record: fields `r` (revision) and `d` (the
+    /// record).
+    pub fn user(&self, user_id: &str) -> String {
+        format!(
+            "{PREFIX}{{{}}}:u:{user_id}",
+            slot_tag(self.user_slot(user_id))
+        )
+    }
+
+    /// The change log of `partition`.
+    pub fn log(&self, partition: u16) -> String {
+        format!(
+            "{PREFIX}{{{}}}:log",
+            slot_tag(self.partition_slot(partition))
+        )
+    }
+
+    /// The sharded fan-out channel of `partition`.
+    pub fn bus_channel(&self, partition: u16) -> String {
+        format!(
+            "{PREFIX}bus:{{{}}}",
+            slot_tag(self.partition_slot(partition))
+        )
+    }
+
+    /// The channel every event about `user_id` goes through.
+    pub fn bus_channel_of(&self, user_id: &str) -> String {
+        self.bus_channel(self.partition_of(user_id))
+    }
 }
 
 /// The users of `slot` with a session on `node_id`; in `slot` itself.
@@ -91,22 +131,41 @@ pub fn node_slots(node_id: &str) -> String {
     format!("{PREFIX}{{nodes}}:slots:{node_id}")
 }
 
-/// The fan-out bucket of a user: users of neighbouring slots share one.
-pub fn bus_bucket(user_id: &str) -> u16 {
-    user_slot(user_id) / (SLOTS / BUS_BUCKETS)
+/// The set of the user's contacts.
+pub fn contacts(user_id: &str) -> String {
+    format!("{PREFIX}{{u:{user_id}}}:contacts")
 }
 
-/// The sharded channel of a fan-out bucket.
-pub fn bus_channel(bucket: u16) -> String {
-    format!(
-        "{PREFIX}bus:{{{}}}",
-        slot_tag(bucket * (SLOTS / BUS_BUCKETS))
-    )
+/// A user's cached contact list (the durable list is in ScyllaDB).
+pub fn contacts_cache(user_id: &str) -> String {
+    format!("{PREFIX}{{u:{user_id}}}:contacts-cache")
 }
 
-/// The channel every event about `user_id` goes through.
-pub fn bus_channel_of(user_id: &str) -> String {
-    bus_channel(bus_bucket(user_id))
+/// The sorted set of the user's history.
+pub fn history(user_id: &str) -> String {
+    format!("{PREFIX}{{u:{user_id}}}:history")
+}
+
+/// The hash of the user's latest durable choice (when Redis is the history
+/// store): fields `at` (its stamp) and `d` (the choice).
+pub fn choice(user_id: &str) -> String {
+    format!("{PREFIX}{{u:{user_id}}}:choice")
+}
+
+/// The partition count every node of a deployment must share.
+pub fn partitions_setting() -> String {
+    format!("{PREFIX}{{nodes}}:partitions")
+}
+
+/// The members of consumer group `group`, each with the deadline of its
+/// last sign of life (Unix ms).
+pub fn feed_members(group: &str) -> String {
+    format!("{PREFIX}{{feed}}:members:{group}")
+}
+
+/// The partition of `user_id` among `partitions`, in every backend.
+pub fn partition_of(user_id: &str, partitions: u16) -> u16 {
+    crc16(user_id.as_bytes()) % partitions.max(1)
 }
 
 /// The cluster slot of a key: CRC16 (XMODEM) of its hash tag, or of the whole
@@ -179,13 +238,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_of_a_user_share_a_slot_with_its_node_index() {
-        for user in ["alice", "bob", "x}y", "{weird}", ""] {
-            let slot = user_slot(user);
-            assert_eq!(slot_of(contacts(user).as_bytes()), slot);
-            assert_eq!(slot_of(history(user).as_bytes()), slot);
-            assert_eq!(slot_of(choice(user).as_bytes()), slot);
-            assert_eq!(slot_of(node_index(slot, "node-1").as_bytes()), slot);
+    fn a_record_shares_its_slot_with_its_log_channel_and_node_index() {
+        for partitions in [1, 3, 16, MAX_PARTITIONS] {
+            let keys = Keys::new(partitions);
+            for user in ["alice", "bob", "x}y", "{weird}", ""] {
+                let slot = keys.user_slot(user);
+                let partition = keys.partition_of(user);
+                for key in [
+                    keys.user(user),
+                    keys.log(partition),
+                    keys.bus_channel_of(user),
+                    node_index(slot, "node-1"),
+                ] {
+                    assert_eq!(slot_of(key.as_bytes()), slot, "{key}");
+                }
+            }
         }
     }
 
@@ -197,14 +264,21 @@ mod tests {
     }
 
     #[test]
-    fn bus_channels_spread_over_the_slots() {
-        for bucket in 0..BUS_BUCKETS {
+    fn partitions_spread_over_the_slots() {
+        let keys = Keys::new(16);
+        for partition in 0..16 {
             assert_eq!(
-                slot_of(bus_channel(bucket).as_bytes()),
-                bucket * (SLOTS / BUS_BUCKETS)
+                slot_of(keys.log(partition).as_bytes()),
+                partition * (SLOTS / 16)
             );
         }
-        assert!(bus_bucket("anyone") < BUS_BUCKETS);
+        let mut users_per_partition = [0u32; 16];
+        for n in 0..16_000 {
+            users_per_partition[usize::from(keys.partition_of(&format!("user-{n}")))] += 1;
+        }
+        assert!(users_per_partition.iter().all(|n| (800..1200).contains(n)));
+        assert_eq!(Keys::new(0).partitions(), 1);
+        assert_eq!(Keys::new(u16::MAX).partitions(), MAX_PARTITIONS);
     }
 
     #[test]

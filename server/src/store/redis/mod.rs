@@ -62,6 +62,7 @@ mod fanout;
 mod history;
 mod hot;
 pub mod keys;
+mod log;
 mod scripts;
 
 use std::future::Future;
@@ -73,15 +74,18 @@ use deadpool_redis::cluster::{Config as PoolSetup, Pool, PoolConfig};
 use deadpool_redis::{Runtime, Timeouts};
 use parking_lot::Mutex;
 use redis::cluster_async::ClusterConnection;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use contacts::RedisContactStore;
 pub use fanout::RedisFanOut;
 pub use history::RedisHistoryStore;
 pub use hot::RedisHotStore;
+pub use log::RedisChangeLog;
 
 use super::{StoreError, StoreResult};
 use crate::hub::Hub;
+use keys::Keys;
 
 /// How the Redis backends connect and behave. [`RedisOptions::new`] gives the
 /// defaults documented on each field.
@@ -92,6 +96,13 @@ pub struct RedisOptions {
     pub urls: Vec<String>,
     /// How long history is kept (the history key's expiry, too).
     pub history_retention: Duration,
+    /// How many partitions the users, their change log and the fan-out are
+    /// spread over. Every node of a deployment must use the same count;
+    /// the first node to start records it. Default: 16.
+    pub partitions: u16,
+    /// How long the change log keeps a change. Default: the history
+    /// retention.
+    pub log_retention: Duration,
     /// Cluster connections in the pool. Each is multiplexed, so a few carry
     /// any concurrency. Default: 4.
     pub pool_size: usize,
@@ -112,6 +123,8 @@ impl RedisOptions {
         RedisOptions {
             urls: urls.to_vec(),
             history_retention,
+            partitions: 16,
+            log_retention: history_retention,
             pool_size: 4,
             op_timeout: Duration::from_secs(5),
             idle_record_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -120,12 +133,13 @@ impl RedisOptions {
     }
 }
 
-/// The four Redis backends of one node, sharing one connection pool.
+/// The Redis backends of one node, sharing one connection pool.
 pub struct RedisBackends {
     pub hot: Arc<RedisHotStore>,
     pub contacts: Arc<RedisContactStore>,
     pub history: Arc<RedisHistoryStore>,
     pub fanout: Arc<RedisFanOut>,
+    pub log: Arc<RedisChangeLog>,
     /// The task that keeps this node subscribed to the fan-out channels and
     /// hands what arrives to the hub. It ends once `fanout` is dropped.
     pub subscriber: JoinHandle<()>,
@@ -168,14 +182,55 @@ pub async fn connect_with(options: RedisOptions, hub: Arc<Hub>) -> StoreResult<R
             options.urls.join(",")
         )));
     }
-    let (fanout, subscriber) = RedisFanOut::start(redis.clone(), &options, hub).await?;
+    check_partitions(&redis, options.op_timeout).await?;
+    let wakeups: Arc<Vec<Notify>> = Arc::new(
+        (0..redis.keys.partitions())
+            .map(|_| Notify::new())
+            .collect(),
+    );
+    let (fanout, subscriber) =
+        RedisFanOut::start(redis.clone(), &options, hub, wakeups.clone()).await?;
     Ok(RedisBackends {
         hot: Arc::new(RedisHotStore::new(redis.clone(), &options)),
+        log: Arc::new(RedisChangeLog::new(redis.clone(), wakeups)),
         contacts: Arc::new(RedisContactStore::new(redis.clone())),
         history: Arc::new(RedisHistoryStore::new(redis, &options)),
         fanout,
         subscriber,
     })
+}
+
+/// Records this node's partition count if it is the first, and refuses to
+/// go on if the deployment's differs: nodes disagreeing on it would look for
+/// the same user under different keys.
+async fn check_partitions(redis: &Redis, timeout: Duration) -> StoreResult<()> {
+    let ours = redis.keys.partitions();
+    let recorded: Option<u16> = redis
+        .run(async {
+            let mut conn = redis.conn().await?;
+            let _: Option<String> = redis::cmd("SET")
+                .arg(keys::partitions_setting())
+                .arg(ours)
+                .arg("NX")
+                .query_async(&mut conn)
+                .await?;
+            Ok(redis::cmd("GET")
+                .arg(keys::partitions_setting())
+                .query_async(&mut conn)
+                .await?)
+        })
+        .await
+        .map_err(|error| {
+            StoreError::Unavailable(format!(
+                "reading the partition count within {timeout:?}: {error}"
+            ))
+        })?;
+    match recorded {
+        Some(theirs) if theirs != ours => Err(StoreError::Unavailable(format!(
+            "this node was started with --log-partitions {ours}, but the Redis Cluster holds a deployment with {theirs}; every node must use the same count"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// What can go wrong talking to Redis. Callers see it as
@@ -202,6 +257,8 @@ pub(crate) enum Error {
     },
     #[error("user {0} changed concurrently too often, gave up")]
     Contention(String),
+    #[error("malformed data in redis: {0}")]
+    Malformed(String),
 }
 
 impl From<Error> for StoreError {
@@ -215,6 +272,7 @@ const CHECKOUT_REUSE: Duration = Duration::from_secs(1);
 
 /// The connection pool and the per-call deadline, shared by the four stores.
 pub(crate) struct Redis {
+    keys: Keys,
     pool: Pool,
     /// One reusable connection per pooled object, with when it was checked
     /// out. std-style Mutex: held only to clone or replace the entry.
@@ -235,6 +293,7 @@ impl Redis {
         };
         setup.pool = Some(pool);
         Ok(Redis {
+            keys: Keys::new(options.partitions),
             pool: setup.create_pool(Some(Runtime::Tokio1))?,
             reusable: (0..size).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),

@@ -21,3 +21,4 @@ script!(CONTACTS_ADD, "contacts_add.lua");
 script!(CONTACTS_LINK, "contacts_link.lua");
 script!(HISTORY_APPEND, "history_append.lua");
 script!(CHOICE_SAVE, "choice_save.lua");
+script!(FEED_JOIN, "feed_join.lua");

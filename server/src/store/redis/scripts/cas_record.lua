@@ -1,16 +1,25 @@
--- Compare-and-set of one user's record, keeping the node index in step in
--- the same atomic step, so that no crash can leave a session the index does
--- not know about. Every key is in the user's slot (see keys.rs).
+-- Compare-and-set of one user's record, keeping the node index in step and,
+-- when what contacts see changed, appending the change to the partition's
+-- log and publishing it on the partition's channel, all in one atomic step:
+-- no crash can leave a session the index does not know about (a ghost), or a
+-- change written but not logged, or logged but not written. Every key and the
+-- channel are in the user's partition's slot (see keys.rs).
 --
--- KEYS[1]             the user's record hash presence:{u:<user>}
--- KEYS[2 .. 1+n]      node index sets the user must be in (one per node
+-- KEYS[1]             the user's record hash
+-- KEYS[2]             the partition's change log (a stream)
+-- KEYS[3 .. 2+n]      node index sets the user must be in (one per node
 --                     holding a session in the new record)
--- KEYS[2+n ..]        node index sets the user must leave
+-- KEYS[3+n ..]        node index sets the user must leave
 -- ARGV[1]             the revision the caller read ("0": no record)
 -- ARGV[2]             the new record, serialized ("": delete the record)
 -- ARGV[3]             the user id, the member of the index sets
 -- ARGV[4]             n
 -- ARGV[5]             expiry in ms for the new record ("0": none)
+-- ARGV[6]             "1" if what contacts see changed: log and publish
+-- ARGV[7]             the partition's fan-out channel
+-- ARGV[8]             the fan-out message's header; the record follows it
+-- ARGV[9]             the log's retention horizon: entries with older ids go
+--                     (approximately, a whole node of the stream at a time)
 --
 -- Returns {1, new revision, ""} when written, or {0, current revision,
 -- current record} when the revision moved, so the caller can retry without
@@ -37,10 +46,15 @@ end
 -- Adding to every index the record needs (not only to new ones) repairs an
 -- index entry lost by a failover at no extra round trip.
 local n = tonumber(ARGV[4])
-for i = 2, 1 + n do
+for i = 3, 2 + n do
   redis.call('SADD', KEYS[i], ARGV[3])
 end
-for i = 2 + n, #KEYS do
+for i = 3 + n, #KEYS do
   redis.call('SREM', KEYS[i], ARGV[3])
+end
+
+if ARGV[6] == '1' then
+  redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'u', ARGV[3], 'd', ARGV[2])
+  redis.call('SPUBLISH', ARGV[7], ARGV[8] .. ARGV[2])
 end
 return {1, written, ''}
