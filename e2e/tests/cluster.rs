@@ -12,6 +12,7 @@
 mod nodes;
 mod support;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use nodes::{
     NODE_LEASE, RedisCluster, ServerNode, node_config, redis_cluster, serial, start_nodes,
 };
 use presence_proto::v1 as pb;
+use presence_proto::v1::change_feed_client::ChangeFeedClient;
 use presence_sdk::{
     Activity, Backoff, ClientConfig, OfflineReason, PresenceClient, PresenceUpdate, SessionOptions,
     SessionState, UserStatus, VisibleStatus,
@@ -505,9 +507,83 @@ impl Drop for RestartNode {
     }
 }
 
+/// A unique consumer group name.
+fn unique_group(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+/// What a consumer group received.
+#[derive(Default)]
+struct Consumed {
+    /// (user, version) to the custom message of every change received.
+    changes: HashMap<(String, u64), String>,
+    /// Changes received twice with different contents.
+    conflicts: Vec<String>,
+}
+
+/// Consumes `group` (new, from now on) on `node` in the background,
+/// acknowledging every batch, until the test ends.
+async fn consume_all(node: &ServerNode, group: &str) -> Arc<parking_lot::Mutex<Consumed>> {
+    let mut client = ChangeFeedClient::connect(node.url()).await.unwrap();
+    let (requests, outgoing) = tokio::sync::mpsc::channel(16);
+    requests
+        .send(pb::ConsumeRequest {
+            request: Some(pb::consume_request::Request::Start(pb::ConsumeStart {
+                group: group.to_owned(),
+                ack_timeout_ms: 2_000,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut responses = client
+        .consume(authed(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            &admin_token(),
+        ))
+        .await
+        .expect("Consume opens")
+        .into_inner();
+    // The first assignment: the member reads its partitions from now on.
+    match responses.message().await.unwrap() {
+        Some(pb::ConsumeResponse {
+            response: Some(pb::consume_response::Response::Assignment(_)),
+        }) => {}
+        other => panic!("expected an assignment first, got {other:?}"),
+    }
+    let consumed = Arc::new(parking_lot::Mutex::new(Consumed::default()));
+    let seen = consumed.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(response)) = responses.message().await {
+            let Some(pb::consume_response::Response::Batch(batch)) = response.response else {
+                continue;
+            };
+            for presence in batch.events.into_iter().filter_map(|e| e.presence) {
+                let key = (presence.user_id.clone(), presence.version);
+                let mut seen = seen.lock();
+                let earlier = seen.changes.insert(key, presence.custom_message.clone());
+                if earlier.is_some_and(|earlier| earlier != presence.custom_message) {
+                    seen.conflicts.push(format!("{presence:?}"));
+                }
+            }
+            let ack = pb::ConsumeRequest {
+                request: Some(pb::consume_request::Request::Ack(pb::ConsumeAck {
+                    batch_id: batch.batch_id,
+                })),
+            };
+            if requests.send(ack).await.is_err() {
+                return;
+            }
+        }
+    });
+    consumed
+}
+
 /// What one writer's acknowledged and failed status changes were.
 #[derive(Debug, Default)]
 struct Written {
+    /// Every acknowledged change (its message), in order.
+    acked: Vec<String>,
     /// The last acknowledged change (its message).
     last_acked: Option<String>,
     /// Changes after the last acknowledged one that failed: they may or may
@@ -575,6 +651,9 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
         })
     };
 
+    // A consumer group reads the change log on node 2 through the failover.
+    let consumed = consume_all(n2, &unique_group("failover")).await;
+
     // Traffic: each writer changes its status in a loop, one call at a time.
     let stop = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
@@ -591,6 +670,7 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
                     let message = format!("{writer} change {i}");
                     match client.set_status(UserStatus::Busy, &message).await {
                         Ok(_) => {
+                            written.acked.push(message.clone());
                             written.last_acked = Some(message);
                             written.unsure.clear();
                             written.acks += 1;
@@ -736,6 +816,31 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
     )
     .await;
     println!("node 2 showed the last changes after {took:?}");
+
+    // The change log: every acknowledged change reached the consumer group,
+    // and a change that came twice came with the same version.
+    let (_, took) = eventually(
+        PROJECTED_WITHIN,
+        "every acknowledged change in the change feed",
+        || async {
+            let consumed = consumed.lock();
+            let missing: Vec<&String> = written
+                .iter()
+                .flat_map(|w| &w.acked)
+                .filter(|message| !consumed.changes.values().any(|m| m == *message))
+                .collect();
+            match missing.as_slice() {
+                [] => Ok(()),
+                missing => Err(format!("{} missing, e.g. {:?}", missing.len(), missing[0])),
+            }
+        },
+    )
+    .await;
+    println!(
+        "the change feed held all {} acknowledged changes {took:?} after node 2 showed the last",
+        written.iter().map(|w| w.acked.len()).sum::<usize>()
+    );
+    assert_eq!(consumed.lock().conflicts, Vec::<String>::new());
 
     // Bob's session on node 2 is still there for alice, and never seemed
     // gone: a Redis failover is no reason for a live node's users to go

@@ -147,8 +147,10 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_SCYLLA_REQUEST_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration, global = true)]
     pub scylla_request_timeout: Duration,
 
-    /// Most history records held in memory while the durable store is slow
-    /// or away; past it new history records are refused (counted, logged).
+    /// Most records held in memory while the durable store is slow or away:
+    /// choices, and history rows of changes made while Redis is down (the
+    /// history of other changes waits in the change log). Past it new
+    /// records are refused (counted, logged).
     #[arg(
         long,
         env = "PRESENCE_HISTORY_BUFFER",
@@ -220,6 +222,16 @@ pub struct Config {
     /// retention is advised: the history is written from the log).
     #[arg(long, env = "PRESENCE_LOG_RETENTION", default_value = "24h", value_parser = humantime::parse_duration, global = true)]
     pub log_retention: Duration,
+
+    /// Most changes the embedded change log keeps in memory (the oldest go
+    /// first, even within the retention). Redis trims its log by time only.
+    #[arg(
+        long,
+        env = "PRESENCE_EMBEDDED_LOG_CAPACITY",
+        default_value_t = 1_000_000,
+        global = true
+    )]
+    pub embedded_log_capacity: usize,
 
     #[command(flatten)]
     pub limits: LimitsConfig,

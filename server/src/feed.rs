@@ -325,7 +325,9 @@ pub async fn run_projection(
         member: node_id,
         start: GroupStart::Oldest,
         max_batch: 500,
-        ack_timeout: Duration::from_secs(30),
+        // Only a member that died with a batch in hand leaves one pending;
+        // the partition's next owner writes it again after this.
+        ack_timeout: Duration::from_secs(10),
     };
     let mut member = loop {
         match feed.join(options.clone()).await {

@@ -120,6 +120,7 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
             let log = Arc::new(EmbeddedChangeLog::new(
                 config.log_partitions,
                 config.log_retention,
+                config.embedded_log_capacity,
             ));
             (
                 Arc::new(EmbeddedHotStore::new(log.clone(), hub.clone())),

@@ -28,10 +28,12 @@ use clap::Parser;
 use presence_server::auth::Caller;
 use presence_server::config::Cli;
 use presence_server::domain::{Activity, ChosenStatus, Platform, UserRecord, VisibleStatus};
+use presence_server::feed::{Feed, FeedConfig, run_projection};
 use presence_server::leases::{SessionKey, StreamEnd, StreamEnded};
 use presence_server::node::{BeatChange, Node, OpenRequest};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use tokio::sync::watch;
 
 const USERS: usize = 2;
 const DEVICES: usize = 3;
@@ -138,6 +140,8 @@ struct Stream {
 
 struct Model {
     node: Arc<Node>,
+    /// Keeps the node's history projection running (on Redis).
+    _projection: Option<watch::Sender<bool>>,
     users: Vec<String>,
     /// The model's clock: Tokio's, paused on the embedded backends.
     started: tokio::time::Instant,
@@ -382,6 +386,7 @@ impl Model {
             }
             Step::Advance { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
             Step::LoseHotStore => {
+                self.projected().await?;
                 lose_hot_store().await;
                 let now = self.now_ms();
                 self.node.maintain_once().await;
@@ -389,6 +394,31 @@ impl Model {
             }
         }
         self.check_invariants().await
+    }
+
+    /// Waits until the durable store holds every user's current version:
+    /// Redis loses what the history projection has not written yet (the
+    /// change log with it), which is milliseconds' worth; the model checks
+    /// the loss of everything older.
+    async fn projected(&self) -> Result<(), TestCaseError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.node.backends.hot.get(&self.users).await;
+            let durable = self.node.backends.history.durable(&self.users).await;
+            if let (Ok(records), Ok(durable)) = (records, durable) {
+                let caught_up = records.iter().zip(&durable).all(|(record, durable)| {
+                    let version = record.as_ref().map_or(0, |r| r.shown.version);
+                    version == 0 || durable.last.as_ref().is_some_and(|l| l.version >= version)
+                });
+                if caught_up {
+                    return Ok(());
+                }
+            }
+            check(tokio::time::Instant::now() < deadline, || {
+                "the history projection did not catch up within 10 s".into()
+            })?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn check_invariants(&mut self) -> Result<(), TestCaseError> {
@@ -513,7 +543,9 @@ async fn lose_hot_store() {
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
 }
 
-async fn node(services: Option<&Services>) -> Arc<Node> {
+/// A node as `presence_server::run` builds it; on Redis, with the history
+/// projection running for as long as the returned sender lives.
+async fn node(services: Option<&Services>) -> (Arc<Node>, Option<watch::Sender<bool>>) {
     let mut args: Vec<String> = [
         "presence-server",
         "--dev",
@@ -544,15 +576,30 @@ async fn node(services: Option<&Services>) -> Arc<Node> {
     let config = Cli::parse_from(args).config;
     let opened = presence_server::open_backends(&config).await.unwrap();
     let node_id = format!("model-{}", rand::random::<u32>());
+    // On the embedded backends, the model never reads the durable store,
+    // and a projection's timers would move the paused clock.
+    let projection = services.map(|_| {
+        let (stop, stopped) = watch::channel(false);
+        let feed = Feed::new(opened.backends.log.clone(), FeedConfig::default());
+        tokio::spawn(run_projection(
+            feed,
+            opened.projection.clone(),
+            node_id.clone(),
+            stopped,
+        ));
+        stop
+    });
     let node = Node::new(config, node_id, opened.backends);
     node.join().await.unwrap();
-    node
+    (node, projection)
 }
 
 async fn run_case(services: Option<&Services>, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let run = rand::random::<u32>();
+    let (node, projection) = node(services).await;
     let mut model = Model {
-        node: node(services).await,
+        node,
+        _projection: projection,
         users: (0..USERS)
             .map(|u| format!("model-{run}-user-{u}"))
             .collect(),

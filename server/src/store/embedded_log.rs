@@ -18,6 +18,9 @@ use crate::domain::UserRecord;
 
 pub struct EmbeddedChangeLog {
     retention: Duration,
+    /// Most changes each partition keeps, whatever their age: the log lives
+    /// in this process's memory.
+    partition_capacity: usize,
     partitions: Vec<Partition>,
     /// Per group, each member's deadline.
     members: Mutex<HashMap<String, HashMap<String, Instant>>>,
@@ -62,12 +65,14 @@ impl PartitionState {
 }
 
 impl EmbeddedChangeLog {
-    pub fn new(partitions: u16, retention: Duration) -> Self {
+    /// A log of `partitions` keeping changes for `retention`, and at most
+    /// `capacity` of them (the oldest go first).
+    pub fn new(partitions: u16, retention: Duration, capacity: usize) -> Self {
+        let partitions = partitions.max(1);
         EmbeddedChangeLog {
             retention,
-            partitions: (0..partitions.max(1))
-                .map(|_| Partition::default())
-                .collect(),
+            partition_capacity: capacity.div_ceil(usize::from(partitions)).max(1),
+            partitions: (0..partitions).map(|_| Partition::default()).collect(),
             members: Mutex::default(),
         }
     }
@@ -96,7 +101,9 @@ impl EmbeddedChangeLog {
             record: record.clone(),
         }));
         let horizon = now.saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(0));
-        while state.entries.front().is_some_and(|e| e.offset.ms < horizon) {
+        while state.entries.len() > self.partition_capacity
+            || state.entries.front().is_some_and(|e| e.offset.ms < horizon)
+        {
             state.entries.pop_front();
         }
         drop(state);
@@ -262,5 +269,75 @@ impl ChangeLog for EmbeddedChangeLog {
             members.remove(member);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logged(log: &EmbeddedChangeLog, partition: u16) -> Vec<LoggedChange> {
+        let state = log.partition(partition).state.lock();
+        state.after(Offset::default(), usize::MAX)
+    }
+
+    #[test]
+    fn the_log_keeps_its_retention_and_capacity() {
+        let log = EmbeddedChangeLog::new(1, Duration::from_secs(10), 3);
+        let record = UserRecord::default();
+        for at in [1_000, 2_000, 3_000, 4_000] {
+            log.append("u", &record, at);
+        }
+        let kept: Vec<u64> = logged(&log, 0).iter().map(|c| c.offset.ms).collect();
+        assert_eq!(
+            kept,
+            [2_000, 3_000, 4_000],
+            "the oldest past the capacity went"
+        );
+        log.append("u", &record, 13_500);
+        let kept: Vec<u64> = logged(&log, 0).iter().map(|c| c.offset.ms).collect();
+        assert_eq!(kept, [4_000, 13_500], "older than the retention went");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_gets_each_change_once_and_stale_ones_again() {
+        let log = EmbeddedChangeLog::new(1, Duration::from_secs(60), 100);
+        let record = UserRecord::default();
+        log.append("u", &record, 1_000);
+        log.create_group("g", GroupStart::Oldest).await.unwrap();
+        log.create_group("late", GroupStart::Latest).await.unwrap();
+        log.append("u", &record, 1_000);
+        let wait = Duration::from_millis(10);
+        let first = log.read_group("g", "a", 0, 10, wait).await.unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(
+            log.read_group("g", "b", 0, 10, wait)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            log.read_group("late", "a", 0, 10, wait)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        let idle = Duration::from_secs(5);
+        assert!(
+            log.claim_stale("g", "b", 0, idle, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tokio::time::advance(idle).await;
+        log.ack("g", 0, &[first[0].offset]).await.unwrap();
+        let claimed = log.claim_stale("g", "b", 0, idle, 10).await.unwrap();
+        assert_eq!(
+            claimed,
+            first[1..],
+            "only the unacknowledged change comes again"
+        );
     }
 }

@@ -2,13 +2,16 @@
 //!
 //! # Hot state
 //!
-//! A user's record is one hash `presence:{u:<user>}` holding a revision and
-//! the serialized [`UserRecord`](crate::domain::UserRecord). `apply` reads
-//! both (one `HMGET`), runs the pure [`crate::domain::apply`] in Rust, and writes back
-//! with a compare-and-set script that fails if the revision moved; the
-//! failure returns the current record, so the retry needs no second read.
-//! The presence rules thus live once, in Rust, and Redis only guards
-//! atomicity. A record with no live session expires after
+//! A user's record is one hash holding a revision and the serialized
+//! [`UserRecord`](crate::domain::UserRecord), in the slot of the user's
+//! partition (see [`keys`]). `apply` reads both (one `HMGET`), runs the pure
+//! [`crate::domain::apply`] in Rust, and writes back with a compare-and-set
+//! script that fails if the revision moved; the failure returns the current
+//! record, so the retry needs no second read. When what contacts see changed,
+//! the same script appends the record to the partition's change log and
+//! publishes it on the partition's fan-out channel ([`RedisChangeLog`],
+//! [`RedisFanOut`]). The presence rules thus live once, in Rust, and Redis
+//! only guards atomicity. A record with no live session expires after
 //! [`RedisOptions::idle_record_ttl`]; an empty one is deleted.
 //!
 //! Records are JSON: a few hundred bytes per user, readable with `redis-cli`,
@@ -36,16 +39,22 @@
 //! are not counted.
 //!
 //! - change that alters the record (open, status, activity, end): `HMGET` +
-//!   `EVALSHA` (+1 `EVALSHA` per concurrent writer that won the race), plus
-//!   one `SETBIT` the first time this process sees a node get a session in a
-//!   slot (then remembered for 5 minutes);
+//!   `EVALSHA`, the change log's `XADD` and the fan-out's `SPUBLISH` run
+//!   inside the script (+1 `EVALSHA` per concurrent writer that won the
+//!   race), plus one `SETBIT` the first time this process sees a node get a
+//!   session in a slot (then remembered for 5 minutes);
 //! - change that alters nothing (e.g. a late close of a replaced connection):
 //!   `HMGET`;
 //! - heartbeat: none; node lease: one `EVALSHA` per node every lease / 3;
-//! - fan-out of a change: one `SPUBLISH`, received by every node;
+//! - fan-out of a change: inside the change's script, received by every
+//!   node; a session open or logout adds one `SPUBLISH` (device taken);
+//! - the history projection: per batch of up to 500 changes of a partition,
+//!   one `XREADGROUP` and one `XACK`; while idle, one `XREADGROUP` per
+//!   partition per second and one `XAUTOCLAIM` per partition every 5 s, and
+//!   one `EVALSHA` (membership) per node per second;
 //! - `get` of n users: n `HGET`, sent back to back;
 //! - every sweep, per node: `HKEYS` + `EVALSHA` looking for lost nodes;
-//! - background, per node: 256 `SPUBLISH` probes every 10 s (see
+//! - background, per node: one `SPUBLISH` probe per partition every 10 s (see
 //!   [`RedisFanOut`]), and at most one pool checkout (a `PING` to every
 //!   master) per pooled connection per second.
 //!
