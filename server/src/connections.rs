@@ -69,8 +69,9 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 
 /// Calls whose request is a stream of messages: their bodies have no
 /// deadline (the heartbeat lease bounds a silent Heartbeat).
-const CLIENT_STREAMING: [&str; 3] = [
+const CLIENT_STREAMING: [&str; 4] = [
     "/presence.v1.PresenceService/Heartbeat",
+    "/presence.v1.ChangeFeed/Consume",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];

@@ -24,6 +24,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::domain::HistoryRecord;
 use crate::metrics;
@@ -38,6 +39,10 @@ const READ_WAIT: Duration = Duration::from_secs(1);
 
 /// A failed log call is retried after this long.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// How often a reader that gained a partition looks whether what a previous
+/// owner left pending can be claimed (or was acknowledged) yet.
+const PENDING_POLL: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug)]
 pub struct FeedConfig {
@@ -232,8 +237,11 @@ impl Feed {
         let _ = done.send(());
     }
 
-    /// Delivers one partition's changes to a member, one batch at a time:
-    /// first what others left pending, then what nobody read.
+    /// Delivers one partition's changes to a member, one batch at a time.
+    /// Changes earlier owners left pending come first: until none is
+    /// pending, the reader only claims stale ones (and waits for a batch a
+    /// previous owner still holds), so a user's newer changes never overtake
+    /// their redelivered older ones.
     async fn read_partition(
         self: Arc<Self>,
         options: Arc<MemberOptions>,
@@ -241,35 +249,60 @@ impl Feed {
         deliver: mpsc::Sender<Delivery>,
         unacked: Unacked,
     ) {
-        let mut next_claim = tokio::time::Instant::now();
+        let (group, member) = (&options.group, &options.member);
+        let mut draining = true;
+        let mut next_claim = Instant::now();
         loop {
-            let claim = tokio::time::Instant::now() >= next_claim;
-            let read = if claim {
-                next_claim = tokio::time::Instant::now() + options.ack_timeout / 2;
+            let read = if draining {
+                match self.log.pending(group, partition).await {
+                    Ok(0) => {
+                        draining = false;
+                        next_claim = Instant::now() + options.ack_timeout / 2;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, group, partition, "reading the change log failed");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        continue;
+                    }
+                }
+                let claimed = self
+                    .log
+                    .claim_stale(
+                        group,
+                        member,
+                        partition,
+                        options.ack_timeout,
+                        options.max_batch,
+                    )
+                    .await;
+                if claimed.as_ref().is_ok_and(Vec::is_empty) {
+                    tokio::time::sleep(PENDING_POLL.min(options.ack_timeout / 4)).await;
+                    continue;
+                }
+                claimed
+            } else if Instant::now() >= next_claim {
+                next_claim = Instant::now() + options.ack_timeout / 2;
                 self.log
                     .claim_stale(
-                        &options.group,
-                        &options.member,
+                        group,
+                        member,
                         partition,
                         options.ack_timeout,
                         options.max_batch,
                     )
                     .await
             } else {
+                let wait = READ_WAIT.min(options.ack_timeout / 2);
                 self.log
-                    .read_group(
-                        &options.group,
-                        &options.member,
-                        partition,
-                        options.max_batch,
-                        READ_WAIT.min(options.ack_timeout / 2),
-                    )
+                    .read_group(group, member, partition, options.max_batch, wait)
                     .await
             };
             let changes = match read {
                 Ok(changes) => changes,
                 Err(error) => {
-                    tracing::warn!(%error, group = options.group, partition, "reading the change log failed");
+                    tracing::warn!(%error, group, partition, "reading the change log failed");
                     tokio::time::sleep(RETRY_AFTER).await;
                     continue;
                 }

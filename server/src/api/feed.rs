@@ -169,7 +169,15 @@ impl ChangeFeed for FeedApi {
             .node
             .admit_stream(&caller.user_id, StreamKind::Feed)?;
         let mut requests = request.into_inner();
-        let start = match requests.message().await? {
+        // The stream's body has no deadline (acks come for as long as it
+        // lives), so its first message gets the one a request body has.
+        let first = tokio::time::timeout(
+            self.api.node.config.connections.request_body_timeout,
+            requests.message(),
+        )
+        .await
+        .map_err(|_| ApiError::InvalidArgument("no start message in time".into()))?;
+        let start = match first? {
             Some(pb::ConsumeRequest {
                 request: Some(pb::consume_request::Request::Start(start)),
             }) => start,

@@ -243,6 +243,11 @@ impl ChangeLog for EmbeddedChangeLog {
         Ok(claimed)
     }
 
+    async fn pending(&self, group: &str, partition: u16) -> StoreResult<usize> {
+        let state = self.partition(partition).state.lock();
+        Ok(state.groups.get(group).map_or(0, |g| g.pending.len()))
+    }
+
     async fn ack(&self, group: &str, partition: u16, offsets: &[Offset]) -> StoreResult<()> {
         let mut state = self.partition(partition).state.lock();
         if let Some(group) = state.groups.get_mut(group) {

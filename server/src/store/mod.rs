@@ -313,6 +313,10 @@ pub trait ChangeLog: Send + Sync + 'static {
         count: usize,
     ) -> StoreResult<Vec<LoggedChange>>;
 
+    /// How many changes of `partition` are pending in `group`: read by a
+    /// member and not acknowledged.
+    async fn pending(&self, group: &str, partition: u16) -> StoreResult<usize>;
+
     /// Acknowledges changes of `partition` read in `group`; acknowledging
     /// twice is harmless.
     async fn ack(&self, group: &str, partition: u16, offsets: &[Offset]) -> StoreResult<()>;

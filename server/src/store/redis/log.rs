@@ -235,6 +235,24 @@ impl ChangeLog for RedisChangeLog {
             .await
     }
 
+    async fn pending(&self, group: &str, partition: u16) -> StoreResult<usize> {
+        self.redis
+            .run(async {
+                let mut conn = self.redis.conn().await?;
+                // The summary form: [count, lowest id, highest id, consumers].
+                let summary = redis::cmd("XPENDING")
+                    .arg(self.redis.keys.log(partition))
+                    .arg(group)
+                    .query_async::<(usize, Value, Value, Value)>(&mut conn)
+                    .await;
+                match summary {
+                    Err(error) if error.code() == Some("NOGROUP") => Ok(0),
+                    summary => Ok(summary?.0),
+                }
+            })
+            .await
+    }
+
     async fn ack(&self, group: &str, partition: u16, offsets: &[Offset]) -> StoreResult<()> {
         if offsets.is_empty() {
             return Ok(());
