@@ -23,8 +23,9 @@ struct Cli {
     /// tried in turn on reconnect.
     #[arg(long, env = "PRESENCE_SERVER", default_value = DEFAULT_ENDPOINT, value_delimiter = ',', global = true)]
     server: Vec<String>,
-    /// Bearer token, a JWT (`presence-server --dev token --user ID` mints
-    /// one for a development server).
+    /// Bearer token, a JWT (`presence-server --dev token --user ID
+    /// [--admin]` mints one for a development server; `feed` and contacts
+    /// changes need `--admin`).
     #[arg(long, env = "PRESENCE_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// PEM file of the CA that `https://` servers' certificates must chain
@@ -135,15 +136,15 @@ enum FeedAction {
         #[arg(long)]
         group: String,
         /// This member's name in the group (default: the server picks one).
-        #[arg(long, default_value = "")]
-        consumer: String,
+        #[arg(long)]
+        consumer: Option<String>,
         /// Where a new group starts: latest, oldest, or a duration ago
         /// (e.g. 10m). A group that exists keeps its position.
         #[arg(long, default_value = "latest", value_parser = parse_feed_start)]
         from: FeedStart,
         /// Most changes per batch (1 to 1000; default: the server's, 100).
-        #[arg(long, default_value_t = 0)]
-        max_batch: u32,
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        max_batch: Option<u32>,
     },
 }
 
@@ -357,9 +358,9 @@ async fn feed(client: &PresenceClient, action: FeedAction) -> anyhow::Result<()>
             max_batch,
         } => {
             let options = ConsumeOptions {
-                consumer,
+                consumer: consumer.unwrap_or_default(),
                 start: from,
-                max_batch,
+                max_batch: max_batch.unwrap_or(0),
                 ..ConsumeOptions::new(group)
             };
             let mut consumer = client
@@ -649,12 +650,24 @@ mod tests {
             Command::Feed {
                 action: FeedAction::Consume {
                     from: FeedStart::Latest,
-                    max_batch: 0,
+                    max_batch: None,
                     ..
                 }
             }
         ));
         assert!(Cli::try_parse_from(["presence", "feed", "consume"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "presence",
+                "feed",
+                "consume",
+                "--group",
+                "g",
+                "--max-batch",
+                "0"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
