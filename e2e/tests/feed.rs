@@ -295,9 +295,13 @@ async fn consume_into(consumer: &mut Consumer, expected: &Expected, seen: &mut S
             })
             .expect("the consumer goes on")
             .expect("the consumer has no error");
-        if let FeedUpdate::Batch(batch) = update {
-            seen.record(&batch.events, expected);
-            assert!(consumer.ack(&batch).await, "{what}: the ack was sent");
+        match update {
+            FeedUpdate::Batch(batch) => {
+                seen.record(&batch.events, expected);
+                assert!(consumer.ack(&batch).await, "{what}: the ack was sent");
+            }
+            FeedUpdate::Reconnecting { reason, .. } => panic!("{what}: the stream broke: {reason}"),
+            FeedUpdate::Assigned(_) => {}
         }
     }
 }

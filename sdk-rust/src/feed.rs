@@ -331,3 +331,46 @@ pub(crate) async fn tail(
     let events = connector.feed(lease).tail(request).await?.into_inner();
     Ok(events.map_err(Error::from))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn start(options: &ConsumeOptions) -> ConsumeStart {
+        match options.start_request().request {
+            Some(consume_request::Request::Start(start)) => start,
+            other => panic!("not a start: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_leave_the_choices_to_the_server() {
+        let sent = start(&ConsumeOptions::new("notify"));
+        assert_eq!(sent.group, "notify");
+        assert_eq!(sent.consumer, "");
+        assert_eq!(sent.start_from(), StartPosition::Latest);
+        assert_eq!((sent.max_batch, sent.ack_timeout_ms), (0, 0));
+    }
+
+    #[test]
+    fn start_positions_and_timeouts_map_to_the_wire() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let sent = start(&ConsumeOptions {
+            start: FeedStart::At(at),
+            ack_timeout: Duration::from_millis(1500),
+            ..ConsumeOptions::new("g")
+        });
+        assert_eq!(sent.start_from(), StartPosition::Time);
+        assert_eq!(sent.start_unix_ms, 1_700_000_000_123);
+        assert_eq!(sent.ack_timeout_ms, 1500);
+        let sent = start(&ConsumeOptions {
+            start: FeedStart::Oldest,
+            ack_timeout: Duration::from_secs(100 * 24 * 3600),
+            ..ConsumeOptions::new("g")
+        });
+        assert_eq!(sent.start_from(), StartPosition::Oldest);
+        // Saturated, for the server to refuse, rather than wrapped into range.
+        assert_eq!(sent.ack_timeout_ms, u32::MAX);
+    }
+}
