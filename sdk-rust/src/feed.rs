@@ -8,6 +8,7 @@
 //! `ChangeFeed.Tail` stream for tools, without a group and without
 //! reconnects.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::Stream;
@@ -15,7 +16,6 @@ use presence_proto::v1::{
     Assignment, ChangeEvent, ConsumeAck, ConsumeRequest, ConsumeResponse, ConsumeStart,
     StartPosition, TailRequest, consume_request, consume_response,
 };
-use std::sync::Arc;
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
 

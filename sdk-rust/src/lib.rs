@@ -94,7 +94,8 @@
 //! client, so dropping the last clone of a [`PresenceClient`] stops it (the
 //! server then ends the session after its grace period). A
 //! [`PresenceStream`] runs no task at all: it does its work when polled and
-//! cancels its RPC when dropped. No queue grows without bound anywhere: the
+//! cancels its RPC when dropped; so does a [`Consumer`], whose drop also
+//! leaves its group. No queue grows without bound anywhere: the
 //! session's outgoing beats go through a channel of four and a beat that
 //! does not fit is skipped (the next one carries the same state), and a slow
 //! watch consumer slows the HTTP/2 stream, which makes the server coalesce.
