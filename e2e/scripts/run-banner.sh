@@ -17,6 +17,10 @@ cat <<'TEXT'
   In a third, bring bob online: presence --token $BOB online --device laptop
   then try --status busy, --idle, or Ctrl-C (bob goes offline).
 
+  Every change also lands in the change feed (admin token):
+    presence --token $ADMIN feed tail --since 10m
+    presence --token $ADMIN feed consume --group demo --from oldest
+
   gRPC reflection is on, so grpcurl works too:
     grpcurl -plaintext -H "authorization: Bearer $ALICE" -d '{"user_ids":["bob"]}' \
       127.0.0.1:50051 presence.v1.PresenceService/GetPresence

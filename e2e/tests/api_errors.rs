@@ -51,21 +51,22 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
     }
 }
 
-/// Sends `messages` on a heartbeat stream and returns the first error the
-/// server ends the stream with.
-async fn heartbeat_error(
-    server: &TestServer,
-    request: tonic::Request<Vec<pb::HeartbeatRequest>>,
-) -> Result<Vec<pb::HeartbeatResponse>, tonic::Status> {
+/// `messages` as a request stream that stays open after them, with the
+/// metadata of `request`.
+fn open_ended<T: Send + 'static>(
+    request: tonic::Request<Vec<T>>,
+) -> tonic::Request<impl tokio_stream::Stream<Item = T> + Send + 'static> {
     let (metadata, extensions, messages) = request.into_parts();
     let outbound = tokio_stream::iter(messages).chain(tokio_stream::pending());
-    let request = tonic::Request::from_parts(metadata, extensions, outbound);
-    let mut inbound = server
-        .presence()
-        .await
-        .heartbeat(request)
-        .await?
-        .into_inner();
+    tonic::Request::from_parts(metadata, extensions, outbound)
+}
+
+/// What a server stream delivered until it ended or went quiet for 5 s, or
+/// the error it (or its opening) ended with.
+async fn outcome<M>(
+    opened: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+) -> Result<Vec<M>, tonic::Status> {
+    let mut inbound = opened?.into_inner();
     let mut received = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(5), inbound.message()).await {
@@ -74,6 +75,50 @@ async fn heartbeat_error(
             Ok(Err(status)) => return Err(status),
             Err(_) => return Ok(received),
         }
+    }
+}
+
+/// Sends `messages` on a heartbeat stream and returns the first error the
+/// server ends the stream with.
+async fn heartbeat_error(
+    server: &TestServer,
+    request: tonic::Request<Vec<pb::HeartbeatRequest>>,
+) -> Result<Vec<pb::HeartbeatResponse>, tonic::Status> {
+    let mut presence = server.presence().await;
+    outcome(presence.heartbeat(open_ended(request)).await).await
+}
+
+/// Sends `messages` on a Consume stream and returns the first error the
+/// server ends the stream with.
+async fn consume_error(
+    server: &TestServer,
+    request: tonic::Request<Vec<pb::ConsumeRequest>>,
+) -> Result<Vec<pb::ConsumeResponse>, tonic::Status> {
+    let mut feed = server.feed().await;
+    outcome(feed.consume(open_ended(request)).await).await
+}
+
+/// The opening message of a Consume stream.
+fn consume_start(start: pb::ConsumeStart) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        request: Some(pb::consume_request::Request::Start(start)),
+    }
+}
+
+/// A valid opening message for `group`, with a short ack timeout.
+fn valid_start(group: &str) -> pb::ConsumeStart {
+    pb::ConsumeStart {
+        group: group.into(),
+        ack_timeout_ms: 1000,
+        ..Default::default()
+    }
+}
+
+fn consume_ack(batch_id: u64) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        request: Some(pb::consume_request::Request::Ack(pb::ConsumeAck {
+            batch_id,
+        })),
     }
 }
 
@@ -191,6 +236,24 @@ async fn every_rpc_refuses_missing_and_invalid_tokens() {
                 .await,
             Code::Unauthenticated,
             &format!("ListContacts, {what}"),
+        );
+        assert_code(
+            consume_error(
+                &server,
+                with_credentials(vec![consume_start(valid_start("g"))], c),
+            )
+            .await,
+            Code::Unauthenticated,
+            &format!("Consume, {what}"),
+        );
+        assert_code(
+            server
+                .feed()
+                .await
+                .tail(with_credentials(pb::TailRequest::default(), c))
+                .await,
+            Code::Unauthenticated,
+            &format!("Tail, {what}"),
         );
     }
     server.stop().await;
@@ -571,6 +634,126 @@ async fn malformed_and_oversized_input_is_refused() {
             .await,
         Code::InvalidArgument,
         "ListContacts, oversized id",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_change_feed_is_for_admin_callers_only() {
+    let server = TestServer::start().await;
+    let alice = token(&user("alice"));
+    assert_code(
+        consume_error(
+            &server,
+            authed(vec![consume_start(valid_start("g"))], &alice),
+        )
+        .await,
+        Code::PermissionDenied,
+        "Consume without the admin scope",
+    );
+    assert_code(
+        server
+            .feed()
+            .await
+            .tail(authed(pb::TailRequest::default(), &alice))
+            .await,
+        Code::PermissionDenied,
+        "Tail without the admin scope",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_feed_requests_are_refused() {
+    let server = TestServer::start().await;
+    let admin = admin_token();
+    let start = |change: fn(&mut pb::ConsumeStart)| {
+        let mut start = valid_start("g");
+        change(&mut start);
+        vec![consume_start(start)]
+    };
+    for (what, messages) in [
+        (
+            "an empty first message",
+            vec![pb::ConsumeRequest { request: None }],
+        ),
+        ("an ack before the start", vec![consume_ack(1)]),
+        ("no group", start(|s| s.group.clear())),
+        ("an oversized group", start(|s| s.group = "g".repeat(129))),
+        (
+            "a group of the server's",
+            start(|s| s.group = "_history".into()),
+        ),
+        (
+            "a space in the group",
+            start(|s| s.group = "my group".into()),
+        ),
+        ("a non-ASCII group", start(|s| s.group = "grüße".into())),
+        (
+            "a consumer of the server's",
+            start(|s| s.consumer = "_me".into()),
+        ),
+        (
+            "a slash in the consumer",
+            start(|s| s.consumer = "a/b".into()),
+        ),
+        ("max_batch above 1000", start(|s| s.max_batch = 1001)),
+        (
+            "an ack timeout under 1 s",
+            start(|s| s.ack_timeout_ms = 999),
+        ),
+        (
+            "an ack timeout over 1 h",
+            start(|s| s.ack_timeout_ms = 3_600_001),
+        ),
+        ("an unknown start position", start(|s| s.start_from = 99)),
+        (
+            "a start time of 0",
+            start(|s| s.start_from = pb::StartPosition::Time as i32),
+        ),
+        (
+            "a negative start time",
+            start(|s| {
+                s.start_from = pb::StartPosition::Time as i32;
+                s.start_unix_ms = -5;
+            }),
+        ),
+        (
+            "a second start",
+            vec![
+                consume_start(valid_start("g")),
+                consume_start(valid_start("g")),
+            ],
+        ),
+    ] {
+        assert_code(
+            consume_error(&server, authed(messages, &admin)).await,
+            Code::InvalidArgument,
+            &format!("Consume, {what}"),
+        );
+    }
+    assert_code(
+        server
+            .feed()
+            .await
+            .tail(authed(pb::TailRequest { from_unix_ms: -1 }, &admin))
+            .await,
+        Code::InvalidArgument,
+        "Tail, a negative from_unix_ms",
+    );
+
+    // Nothing above hurt the server: a valid member joins and is assigned.
+    let joined = consume_error(
+        &server,
+        authed(vec![consume_start(valid_start("g"))], &admin),
+    );
+    let received = tokio::time::timeout(Duration::from_secs(10), joined).await;
+    assert!(
+        matches!(&received, Ok(Ok(responses)) if matches!(
+            responses.first().and_then(|r| r.response.as_ref()),
+            Some(pb::consume_response::Response::Assignment(_))
+        )),
+        "{received:?}"
     );
     server.stop().await;
 }

@@ -14,7 +14,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::connector::{Connector, Lease};
 use crate::session::{Desired, SessionHandle, SessionTask};
-use crate::{ClientConfig, Error, PresenceStream, SessionOptions, SessionState};
+use crate::{
+    ChangeEvent, ClientConfig, ConsumeOptions, Consumer, Error, PresenceStream, SessionOptions,
+    SessionState,
+};
 
 /// A connection to the presence service, for one device of one user (or one
 /// service identity).
@@ -431,6 +434,40 @@ impl PresenceClient {
         )
     }
 
+    // ---- the change feed (admin) ----
+
+    /// Every change from `from` on (`None`: from the moment the server
+    /// answered, which is when this returns), as the server logs it: per
+    /// partition in log order, so per user in version order. Needs the admin
+    /// scope: fails at once with [`Error::PermissionDenied`] without it. For
+    /// tools: the stream does not reconnect, it ends with the first error;
+    /// start again from the time of the last event seen and drop what
+    /// repeats (same user and version).
+    pub async fn tail(
+        &self,
+        from: Option<SystemTime>,
+    ) -> Result<impl Stream<Item = Result<ChangeEvent, Error>> + Send + 'static, Error> {
+        let lease = self.lease();
+        crate::feed::tail(&self.inner.connector, &lease, from)
+            .await
+            .map_err(|status| self.unary_failed(&lease, status))
+    }
+
+    /// Joins a consumer group of the change feed and returns the member,
+    /// which reconnects by itself (see [`Consumer`]). Needs the admin scope.
+    /// Fails with the error of the first attempt: [`Error::InvalidArgument`]
+    /// for bad options, [`Error::PermissionDenied`] without the admin scope,
+    /// [`Error::Unavailable`] or [`Error::Transport`] if the server cannot be
+    /// reached.
+    pub async fn consume(&self, options: ConsumeOptions) -> Result<Consumer, Error> {
+        Consumer::join(
+            Arc::clone(&self.inner.connector),
+            self.inner.config.backoff,
+            options,
+        )
+        .await
+    }
+
     // ---- contacts ----
 
     /// Links `user_id` with each of `contact_ids`, both ways, and returns how
@@ -522,7 +559,7 @@ impl PresenceClient {
 
 /// Milliseconds since the Unix epoch, as the API counts time; times before
 /// the epoch become 0.
-fn unix_ms(time: SystemTime) -> i64 {
+pub(crate) fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

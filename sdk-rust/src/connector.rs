@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
+use presence_proto::v1::change_feed_client::ChangeFeedClient;
 use presence_proto::v1::contacts_service_client::ContactsServiceClient;
 use presence_proto::v1::presence_service_client::PresenceServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -21,6 +22,8 @@ use crate::{ClientConfig, Error, TlsConfig, TokenProvider};
 pub(crate) type PresenceStub = PresenceServiceClient<InterceptedService<Channel, Auth>>;
 /// The generated contacts stub over our channel and interceptor.
 pub(crate) type ContactsStub = ContactsServiceClient<InterceptedService<Channel, Auth>>;
+/// The generated change feed stub over our channel and interceptor.
+pub(crate) type FeedStub = ChangeFeedClient<InterceptedService<Channel, Auth>>;
 
 /// Adds `authorization: Bearer <token>` to every request.
 #[derive(Clone)]
@@ -276,6 +279,10 @@ impl Connector {
 
     pub(crate) fn contacts(&self, lease: &Lease) -> ContactsStub {
         ContactsServiceClient::with_interceptor(lease.channel.clone(), self.auth.clone())
+    }
+
+    pub(crate) fn feed(&self, lease: &Lease) -> FeedStub {
+        ChangeFeedClient::with_interceptor(lease.channel.clone(), self.auth.clone())
     }
 }
 

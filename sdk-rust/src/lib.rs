@@ -18,6 +18,10 @@
 //! - **queries and admin calls**: [`get_presence`](PresenceClient::get_presence),
 //!   [`get_history`](PresenceClient::get_history),
 //!   [`set_status`](PresenceClient::set_status), contacts management.
+//! - **the change feed** (admin scope): [`tail`](PresenceClient::tail), every
+//!   change from a moment on, for tools, and
+//!   [`consume`](PresenceClient::consume), a member of a consumer group that
+//!   acknowledges batches and reconnects by itself ([`Consumer`]).
 //!
 //! Every call carries `authorization: Bearer <token>` from
 //! [`ClientConfig::token`]. Errors are one enum, [`Error`], mapped once from
@@ -79,6 +83,7 @@
 //! - `client`: [`PresenceClient`] and the unary calls;
 //! - `session`: the background session task and [`SessionState`];
 //! - `watch`: [`PresenceStream`], the version filter, [`PresenceMap`];
+//! - `feed`: [`Consumer`] and the change feed's types;
 //! - `connector`: endpoints, rotating through them, the token interceptor;
 //! - `config`, `backoff`, `error`: [`ClientConfig`], [`Backoff`], [`Error`];
 //! - `bin/presence.rs`: the `presence` CLI (feature `cli`, on by default).
@@ -89,7 +94,8 @@
 //! client, so dropping the last clone of a [`PresenceClient`] stops it (the
 //! server then ends the session after its grace period). A
 //! [`PresenceStream`] runs no task at all: it does its work when polled and
-//! cancels its RPC when dropped. No queue grows without bound anywhere: the
+//! cancels its RPC when dropped; so does a [`Consumer`], whose drop also
+//! leaves its group. No queue grows without bound anywhere: the
 //! session's outgoing beats go through a channel of four and a beat that
 //! does not fit is skipped (the next one carries the same state), and a slow
 //! watch consumer slows the HTTP/2 stream, which makes the server coalesce.
@@ -101,6 +107,7 @@ mod client;
 mod config;
 mod connector;
 mod error;
+mod feed;
 mod session;
 mod watch;
 
@@ -108,6 +115,7 @@ pub use backoff::Backoff;
 pub use client::PresenceClient;
 pub use config::{ClientConfig, DEFAULT_ENDPOINT, TlsConfig, TokenProvider};
 pub use error::Error;
+pub use feed::{ConsumeOptions, Consumer, FeedBatch, FeedStart, FeedUpdate};
 pub use session::{SessionOptions, SessionState};
 pub use watch::{PresenceMap, PresenceStream, PresenceUpdate};
 
@@ -115,6 +123,6 @@ pub use watch::{PresenceMap, PresenceStream, PresenceUpdate};
 /// do not cover.
 pub use presence_proto::v1 as proto;
 pub use presence_proto::v1::{
-    Activity, DeviceSession, HistoryEntry, OfflineReason, Platform, Presence, UserStatus,
-    VisibleStatus,
+    Activity, Assignment, ChangeEvent, DeviceSession, HistoryEntry, OfflineReason, Platform,
+    Presence, UserStatus, VisibleStatus,
 };

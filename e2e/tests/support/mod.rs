@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures::StreamExt;
+use presence_proto::v1::change_feed_client::ChangeFeedClient;
 use presence_proto::v1::contacts_service_client::ContactsServiceClient;
 use presence_proto::v1::presence_service_client::PresenceServiceClient;
 use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
@@ -126,6 +127,10 @@ impl TestServer {
 
     pub async fn contacts(&self) -> ContactsServiceClient<Channel> {
         ContactsServiceClient::connect(self.url()).await.unwrap()
+    }
+
+    pub async fn feed(&self) -> ChangeFeedClient<Channel> {
+        ChangeFeedClient::connect(self.url()).await.unwrap()
     }
 }
 

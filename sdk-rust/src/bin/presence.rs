@@ -10,8 +10,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use presence_sdk::{
-    Activity, ClientConfig, DEFAULT_ENDPOINT, OfflineReason, Platform, Presence, PresenceClient,
-    PresenceUpdate, SessionOptions, SessionState, TlsConfig, UserStatus, VisibleStatus,
+    Activity, ChangeEvent, ClientConfig, ConsumeOptions, DEFAULT_ENDPOINT, FeedStart, FeedUpdate,
+    OfflineReason, Platform, Presence, PresenceClient, PresenceUpdate, SessionOptions,
+    SessionState, TlsConfig, UserStatus, VisibleStatus,
 };
 
 /// Watch and set online presence from a terminal.
@@ -22,8 +23,9 @@ struct Cli {
     /// tried in turn on reconnect.
     #[arg(long, env = "PRESENCE_SERVER", default_value = DEFAULT_ENDPOINT, value_delimiter = ',', global = true)]
     server: Vec<String>,
-    /// Bearer token, a JWT (`presence-server --dev token --user ID` mints
-    /// one for a development server).
+    /// Bearer token, a JWT (`presence-server --dev token --user ID
+    /// [--admin]` mints one for a development server; `feed` and contacts
+    /// changes need `--admin`).
     #[arg(long, env = "PRESENCE_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// PEM file of the CA that `https://` servers' certificates must chain
@@ -106,6 +108,43 @@ enum Command {
     Contacts {
         #[command(subcommand)]
         action: ContactsAction,
+    },
+    /// Read the change feed (admin token): every change of what contacts
+    /// see, one line each: time logged, partition, offset, user, status,
+    /// version, chosen status.
+    Feed {
+        #[command(subcommand)]
+        action: FeedAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FeedAction {
+    /// Print changes as they are logged, until Ctrl-C.
+    Tail {
+        /// Start this far back (e.g. 10m, 1h) instead of now.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+    },
+    /// Join a consumer group and print its share of the changes,
+    /// acknowledging each batch once printed, until Ctrl-C. Reconnects by
+    /// itself; a change may be printed twice (same version) after a
+    /// reconnect.
+    Consume {
+        /// The group: its members share the changes, other groups get their
+        /// own copy.
+        #[arg(long)]
+        group: String,
+        /// This member's name in the group (default: the server picks one).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Where a new group starts: latest, oldest, or a duration ago
+        /// (e.g. 10m). A group that exists keeps its position.
+        #[arg(long, default_value = "latest", value_parser = parse_feed_start)]
+        from: FeedStart,
+        /// Most changes per batch (1 to 1000; default: the server's, 100).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        max_batch: Option<u32>,
     },
 }
 
@@ -290,6 +329,105 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Feed { action } => until_ctrl_c(feed(&client, action)).await,
+    }
+}
+
+/// Runs `work` until it ends or Ctrl-C.
+async fn until_ctrl_c(work: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::select! {
+        result = work => result,
+        signal = tokio::signal::ctrl_c() => signal.context("could not listen for Ctrl-C"),
+    }
+}
+
+async fn feed(client: &PresenceClient, action: FeedAction) -> anyhow::Result<()> {
+    match action {
+        FeedAction::Tail { since } => {
+            let from = since.map(|ago| SystemTime::now().checked_sub(ago).unwrap_or(UNIX_EPOCH));
+            let mut events = std::pin::pin!(client.tail(from).await?);
+            while let Some(event) = events.next().await {
+                println!("{}", change_line(&event?));
+            }
+            Ok(())
+        }
+        FeedAction::Consume {
+            group,
+            consumer,
+            from,
+            max_batch,
+        } => {
+            let options = ConsumeOptions {
+                consumer: consumer.unwrap_or_default(),
+                start: from,
+                max_batch: max_batch.unwrap_or(0),
+                ..ConsumeOptions::new(group)
+            };
+            let mut consumer = client
+                .consume(options)
+                .await
+                .context("could not join the group")?;
+            while let Some(update) = consumer.next().await {
+                match update? {
+                    FeedUpdate::Batch(batch) => {
+                        for event in &batch.events {
+                            println!("{}", change_line(event));
+                        }
+                        consumer.ack(&batch).await;
+                    }
+                    FeedUpdate::Assigned(assigned) => println!(
+                        "-- reading partitions {:?} of {}, {} member(s)",
+                        assigned.partitions, assigned.partition_count, assigned.members
+                    ),
+                    FeedUpdate::Reconnecting { attempt, reason } => {
+                        println!("-- reconnecting (attempt {attempt}): {reason}");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `--from`: `latest`, `oldest`, or how long ago.
+fn parse_feed_start(value: &str) -> Result<FeedStart, String> {
+    match value {
+        "latest" => Ok(FeedStart::Latest),
+        "oldest" => Ok(FeedStart::Oldest),
+        ago => {
+            let ago = humantime::parse_duration(ago)
+                .map_err(|e| format!("expected latest, oldest or a duration like 10m: {e}"))?;
+            Ok(FeedStart::At(
+                SystemTime::now().checked_sub(ago).unwrap_or(UNIX_EPOCH),
+            ))
+        }
+    }
+}
+
+/// `2025-11-30T14:02:11Z  p3   1764511331000-0    bob              busy     v1764511331000123 chose busy`
+fn change_line(event: &ChangeEvent) -> String {
+    let logged_ms = event
+        .offset
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse().ok())
+        .unwrap_or(0);
+    let presence = event.presence.clone().unwrap_or_default();
+    format!(
+        "{}  p{:<3} {:<18} {:<16} {:<8} v{} chose {}",
+        format_time(logged_ms),
+        event.partition,
+        event.offset,
+        presence.user_id,
+        status_name(presence.status()),
+        presence.version,
+        chosen_name(presence.chosen_status()),
+    )
+}
+
+fn chosen_name(status: UserStatus) -> String {
+    match status {
+        UserStatus::Unspecified => "-".to_owned(),
+        status => name(status.as_str_name(), "USER_STATUS_"),
     }
 }
 
@@ -494,5 +632,61 @@ mod tests {
             Cli::try_parse_from(["presence", "online", "--device", "d", "--message", "hi"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn feed_start_is_latest_oldest_or_a_duration_ago() {
+        assert_eq!(parse_feed_start("latest"), Ok(FeedStart::Latest));
+        assert_eq!(parse_feed_start("oldest"), Ok(FeedStart::Oldest));
+        let Ok(FeedStart::At(at)) = parse_feed_start("10m") else {
+            panic!("10m is a time");
+        };
+        let ago = SystemTime::now().duration_since(at).unwrap();
+        assert!((Duration::from_secs(599)..Duration::from_secs(601)).contains(&ago));
+        assert!(parse_feed_start("yesterday").is_err());
+        let cli = Cli::try_parse_from(["presence", "feed", "consume", "--group", "g"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Feed {
+                action: FeedAction::Consume {
+                    from: FeedStart::Latest,
+                    max_batch: None,
+                    ..
+                }
+            }
+        ));
+        assert!(Cli::try_parse_from(["presence", "feed", "consume"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "presence",
+                "feed",
+                "consume",
+                "--group",
+                "g",
+                "--max-batch",
+                "0"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_change_line_shows_when_where_who_and_what() {
+        let event = ChangeEvent {
+            presence: Some(Presence {
+                user_id: "bob".into(),
+                status: VisibleStatus::Busy as i32,
+                version: 42,
+                chosen_status: UserStatus::Busy as i32,
+                ..Presence::default()
+            }),
+            partition: 3,
+            offset: "1764511331000-2".into(),
+        };
+        let line = change_line(&event);
+        assert!(line.starts_with("2025-11-30T14:02:11Z  p3 "), "{line}");
+        for part in ["1764511331000-2", "bob", "busy", "v42", "chose busy"] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
     }
 }
