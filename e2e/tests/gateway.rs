@@ -395,6 +395,167 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
     drop(open);
 }
 
+/// A gRPC health check as curl sends it from `source` (a 127.0.0.x
+/// address of this machine) to `url`, with `headers`; `http2` for native
+/// gRPC (the gateway's `grpc_pass`), else gRPC-web over HTTP/1.1
+/// (`proxy_pass`). The frame is an empty `HealthCheckRequest`.
+fn health_check_from(
+    source: &str,
+    url: &str,
+    ca: Option<&std::path::Path>,
+    http2: bool,
+    headers: &[String],
+) -> String {
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "5",
+        "--interface",
+        source,
+        "-X",
+        "POST",
+    ]);
+    if let Some(ca) = ca {
+        curl.arg("--cacert").arg(ca);
+    }
+    if http2 {
+        curl.args([
+            "--http2",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+        ]);
+    } else {
+        curl.args([
+            "--http1.1",
+            "-H",
+            "content-type: application/grpc-web+proto",
+        ]);
+    }
+    for header in headers {
+        curl.args(["-H", header]);
+    }
+    let output = curl
+        .args([
+            "--data-binary",
+            "@-",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("{url}/grpc.health.v1.Health/Check"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(&[0u8; 5])?;
+            child.wait_with_output()
+        })
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The `client` the node logged for the call with `request_id`.
+fn logged_client(node: &ServerNode, request_id: &str) -> Option<String> {
+    let text = node.log_text();
+    let line = text
+        .lines()
+        .find(|line| line.contains(&format!("request_id=\"{request_id}\"")))?;
+    let start = line.find("client=")? + "client=".len();
+    let rest = &line[start..];
+    let end = rest.find(['}', ' ']).unwrap_or(rest.len());
+    Some(rest[..end].to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_gateway_the_node_sees_the_clients_address_and_spoofed_headers_are_ignored() {
+    let Some((cluster, _serial)) = setup().await else {
+        return;
+    };
+    // The request spans (and their `client`) reach the log on each call's
+    // first line, which tower-http writes at debug.
+    let log = [("RUST_LOG", "info,tower_http=debug")];
+    let trusting = ServerNode::start_with_env(
+        &cluster,
+        "gateway-client-addr",
+        "trusting",
+        None,
+        &[("--trusted-proxies", "127.0.0.1/32".into())],
+        &log,
+    )
+    .await;
+    let default =
+        ServerNode::start_with_env(&cluster, "gateway-client-addr", "default", None, &[], &log)
+            .await;
+    let via_trusting = Gateway::start(&[trusting.addr], &[]);
+    let via_default = Gateway::start(&[default.addr], &[]);
+    let run = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    // A client that also sends its own forwarding headers: nginx appends
+    // the address it saw to X-Forwarded-For and replaces X-Real-IP.
+    let spoofed = |id: &str| {
+        vec![
+            format!("x-request-id: {id}"),
+            "x-forwarded-for: 203.0.113.9".to_owned(),
+            "x-real-ip: 203.0.113.9".to_owned(),
+        ]
+    };
+    let mut expected = Vec::new();
+    for (http2, kind) in [(true, "grpc"), (false, "grpc-web")] {
+        let id = format!("{kind}-{run}-trusted");
+        let ca = via_trusting.dir.join("tls/ca.pem");
+        let status = health_check_from(
+            "127.0.0.7",
+            &via_trusting.url(),
+            Some(&ca),
+            http2,
+            &spoofed(&id),
+        );
+        assert_eq!(status, "200", "{kind} health check through the gateway");
+        expected.push((&trusting, id, "127.0.0.7"));
+        // Not configured: the gateway's headers are ignored too.
+        let id = format!("{kind}-{run}-default");
+        let ca = via_default.dir.join("tls/ca.pem");
+        let status = health_check_from(
+            "127.0.0.8",
+            &via_default.url(),
+            Some(&ca),
+            http2,
+            &spoofed(&id),
+        );
+        assert_eq!(status, "200", "{kind} health check through the gateway");
+        expected.push((&default, id, "127.0.0.1"));
+    }
+    // Straight to the node that trusts the gateway, from an address it does
+    // not trust: the headers are the client's own words and ignored.
+    let id = format!("direct-{run}");
+    let status = health_check_from("127.0.0.9", &trusting.url(), None, false, &spoofed(&id));
+    assert_eq!(status, "200", "a direct health check");
+    expected.push((&trusting, id, "127.0.0.9"));
+
+    let started = Instant::now();
+    for (node, id, client) in expected {
+        // The node writes its log as it goes; give a line a moment.
+        let mut seen = logged_client(node, &id);
+        while seen.is_none() && started.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            seen = logged_client(node, &id);
+        }
+        assert_eq!(
+            seen.as_deref(),
+            Some(client),
+            "{id}: the client address {} logged",
+            node.name
+        );
+    }
+    println!(
+        "client address behind the gateway: 127.0.0.7 seen through a trusted gateway (native gRPC and gRPC-web), the gateway's 127.0.0.1 without --trusted-proxies, 127.0.0.9 for a direct call with spoofed headers"
+    );
+}
+
 /// What a watcher saw of one user.
 #[derive(Clone, Debug)]
 struct Seen {

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod connections;
 pub mod degraded;
@@ -57,6 +58,7 @@ use tracing::Level;
 
 use crate::api::Api;
 use crate::auth::Authenticator;
+use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::node::{Backends, Node};
@@ -252,6 +254,7 @@ pub async fn run_with_tls(
         max_connections = bounds.max_connections,
         tls = tls.is_some(),
         client_certs = config.tls_client_ca.is_some(),
+        trusted_proxies = config.trusted_proxies.len(),
         "presence server ready"
     );
 
@@ -277,7 +280,9 @@ pub async fn run_with_tls(
         .clone()
         .routes()
         .prepare();
+    let proxies = Arc::new(TrustedProxies::new(&config.trusted_proxies));
     let service = tower::ServiceBuilder::new()
+        .map_request(move |request| proxies.resolve(request))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
             TraceLayer::new_for_grpc()
@@ -370,10 +375,14 @@ where
     })
 }
 
-/// Every call gets a span with its method and request id (the caller's
-/// `x-request-id`, or a fresh one, echoed in the response), so all log lines of
-/// one call can be found together.
+/// Every call gets a span with its method, request id (the caller's
+/// `x-request-id`, or a fresh one, echoed in the response) and the client's
+/// address, so all log lines of one call can be found together.
 fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| tracing::field::display(addr));
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -384,9 +393,9 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     // heartbeat streams): an enabled span costs ~0.5 KB each, so streams
     // get one only when debugging.
     if method.ends_with("/Heartbeat") || method.ends_with("/WatchContacts") {
-        return tracing::debug_span!("rpc", method, request_id);
+        return tracing::debug_span!("rpc", method, request_id, client);
     }
-    tracing::info_span!("rpc", method, request_id)
+    tracing::info_span!("rpc", method, request_id, client)
 }
 
 /// Cross-origin access for browsers. gRPC-web sends the status of a call
