@@ -7,7 +7,7 @@ CARGO ?= cargo
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 SERVER := $(TARGET_DIR)/release/presence-server
 
-.PHONY: run build test test-rust test-ts test-kotlin demo test-backends services-up services-down bench bench-full soak lint fmt help
+.PHONY: run build test test-rust test-ts test-kotlin demo test-backends test-gateway-full services-up services-down bench bench-full soak lint fmt help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -42,6 +42,13 @@ test-backends: ## Rust tests against already running services (see services-up)
 	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) \
 	PRESENCE_TEST_SCYLLA_NODES=$$(e2e/scripts/cassandra.sh nodes) \
 	PRESENCE_REQUIRE_BACKENDS=1 $(CARGO) test --workspace
+
+test-gateway-full: ## the gateway deploy test at full size: 2,000 sessions, 200 watchers, release build (~10 min cold, ~3 min warm); starts Redis Cluster, leaves it up
+	e2e/scripts/redis-cluster.sh start >/dev/null
+	e2e/scripts/gateway.sh install
+	PRESENCE_TEST_REDIS_CLUSTER=$$(e2e/scripts/redis-cluster.sh urls) PRESENCE_REQUIRE_BACKENDS=1 \
+	PRESENCE_GATEWAY_SESSIONS=2000 PRESENCE_GATEWAY_WATCHERS=200 \
+	$(CARGO) test --release -p presence-e2e --test gateway a_rolling_restart -- --nocapture
 
 services-up: ## start a local Redis Cluster and Cassandra for tests
 	e2e/scripts/redis-cluster.sh start

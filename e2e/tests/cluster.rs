@@ -29,8 +29,8 @@ use presence_sdk::{
 };
 use presence_server::store::redis::keys;
 use support::{
-    ContactWatch, HEARTBEAT, Interruptions, PROJECTED_WITHIN, RawSession, VISIBLE_WITHIN,
-    admin_token, authed, session_beat, token, user,
+    BeatingSession, ContactWatch, Interruptions, PROJECTED_WITHIN, RawSession, VISIBLE_WITHIN,
+    admin_token, authed, token, user,
 };
 
 /// How long a node's fan-out may take to notice subscriptions Redis dropped
@@ -161,50 +161,6 @@ where
         Err(_) => {
             panic!("no matching presence of {user} within {within:?}; the watch delivered {seen:?}")
         }
-    }
-}
-
-/// A raw heartbeat stream that opens a session on one node and beats on time
-/// until that node goes away: a device that cannot move (unlike the SDK).
-struct BeatingSession {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl BeatingSession {
-    async fn open(node: &ServerNode, user: &str, device: &str) -> BeatingSession {
-        let stub = pb::presence_service_client::PresenceServiceClient::connect(node.url())
-            .await
-            .unwrap();
-        let RawSession {
-            outbound,
-            mut inbound,
-        } = RawSession::open(stub, user, device).await;
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            let mut seq = 0;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        seq += 1;
-                        if outbound.send(session_beat(seq)).await.is_err() {
-                            return;
-                        }
-                    }
-                    message = inbound.message() => match message {
-                        Ok(Some(_ack)) => {}
-                        // The node is gone (or closed the stream): stop.
-                        _ => return,
-                    },
-                }
-            }
-        });
-        BeatingSession { task }
-    }
-}
-
-impl Drop for BeatingSession {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -361,7 +317,7 @@ async fn a_killed_node_leaves_no_ghost_online() {
     let bob = user("bob");
     let (watcher, mut watch) = alice_watching(&nodes[0], &bob).await;
 
-    let session = BeatingSession::open(&nodes[1], &bob, "bob-phone").await;
+    let session = BeatingSession::open(nodes[1].url(), &bob, "bob-phone").await;
     watch.sees(VisibleStatus::Online).await;
     // Let a few beats and node lease renewals go by.
     tokio::time::sleep(Duration::from_millis(700)).await;

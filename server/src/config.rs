@@ -251,6 +251,18 @@ pub struct Config {
     )]
     pub cors_origins: Vec<String>,
 
+    /// Proxies (CIDR ranges or addresses, comma-separated) whose
+    /// `X-Forwarded-For` / `X-Real-IP` name the client, e.g. the gateway's
+    /// `10.0.0.0/24`. Unset: none; the client is always the TCP peer, and
+    /// such headers from anyone are ignored.
+    #[arg(
+        long,
+        env = "PRESENCE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxies: Vec<crate::client_addr::ProxyRange>,
+
     /// Where to serve Prometheus metrics (/metrics). Unset: not served.
     #[arg(long, env = "PRESENCE_METRICS_LISTEN", global = true)]
     pub metrics_listen: Option<SocketAddr>,
@@ -635,6 +647,18 @@ mod tests {
         let mut argv = vec!["presence-server"];
         argv.extend_from_slice(args);
         Cli::parse_from(argv).config
+    }
+
+    #[test]
+    fn trusted_proxies_are_none_by_default_and_a_bad_range_is_refused() {
+        assert!(config(&[]).trusted_proxies.is_empty());
+        let ranges = config(&["--trusted-proxies", "10.0.0.0/8, 127.0.0.1"]).trusted_proxies;
+        assert_eq!(
+            ranges,
+            vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.1".parse().unwrap()]
+        );
+        let refused = Cli::try_parse_from(["presence-server", "--trusted-proxies", "10.0.0.0/40"]);
+        assert!(refused.is_err());
     }
 
     #[test]

@@ -56,6 +56,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tonic::body::Body;
 use tower::ServiceExt;
 
+use crate::client_addr::PeerAddr;
 use crate::config::ConnectionLimits;
 use crate::tls::{ServerTls, VerifiedClientCert};
 
@@ -354,6 +355,7 @@ async fn serve_io<IO, S, B>(
         calls: Arc::new(calls),
         restricted,
         client_cert,
+        peer,
         body_timeout: bounds.request_body_timeout,
     };
     let connection = builder.serve_connection(io, service);
@@ -492,6 +494,7 @@ struct ConnectionService<S> {
     restricted: bool,
     /// The client presented a certificate verified against --tls-client-ca.
     client_cert: bool,
+    peer: SocketAddr,
     body_timeout: Duration,
 }
 
@@ -511,6 +514,7 @@ where
         if self.client_cert {
             request.extensions_mut().insert(VerifiedClientCert);
         }
+        request.extensions_mut().insert(PeerAddr(self.peer));
         let call = CallInProgress::start(self.calls.clone());
         let path = request.uri().path();
         if self.restricted && path != HEALTH_CHECK {

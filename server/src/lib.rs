@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod connections;
 pub mod degraded;
@@ -60,6 +61,7 @@ use tracing::Level;
 use crate::api::Api;
 use crate::api::feed::FeedApi;
 use crate::auth::Authenticator;
+use crate::client_addr::{ClientAddr, TrustedProxies};
 use crate::config::Config;
 use crate::feed::{Feed, FeedConfig};
 use crate::hub::Hub;
@@ -304,6 +306,7 @@ pub async fn run_with_tls(
         max_connections = bounds.max_connections,
         tls = tls.is_some(),
         client_certs = config.tls_client_ca.is_some(),
+        trusted_proxies = config.trusted_proxies.len(),
         "presence server ready"
     );
 
@@ -330,7 +333,9 @@ pub async fn run_with_tls(
         .clone()
         .routes()
         .prepare();
+    let proxies = Arc::new(TrustedProxies::new(&config.trusted_proxies));
     let service = tower::ServiceBuilder::new()
+        .map_request(move |request| proxies.resolve(request))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
             TraceLayer::new_for_grpc()
@@ -433,10 +438,14 @@ where
     })
 }
 
-/// Every call gets a span with its method and request id (the caller's
-/// `x-request-id`, or a fresh one, echoed in the response), so all log lines of
-/// one call can be found together.
+/// Every call gets a span with its method, request id (the caller's
+/// `x-request-id`, or a fresh one, echoed in the response) and the client's
+/// address, so all log lines of one call can be found together.
 fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|ClientAddr(addr)| tracing::field::display(addr));
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -447,9 +456,9 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     // heartbeat streams): an enabled span costs ~0.5 KB each, so streams
     // get one only when debugging.
     if method.ends_with("/Heartbeat") || method.ends_with("/WatchContacts") {
-        return tracing::debug_span!("rpc", method, request_id);
+        return tracing::debug_span!("rpc", method, request_id, client);
     }
-    tracing::info_span!("rpc", method, request_id)
+    tracing::info_span!("rpc", method, request_id, client)
 }
 
 /// Cross-origin access for browsers. gRPC-web sends the status of a call

@@ -12,7 +12,10 @@ use futures::StreamExt;
 use presence_proto::v1::change_feed_client::ChangeFeedClient;
 use presence_proto::v1::contacts_service_client::ContactsServiceClient;
 use presence_proto::v1::presence_service_client::PresenceServiceClient;
-use presence_proto::v1::{self as pb, heartbeat_request, presence_event};
+use presence_proto::v1::{self as pb, presence_event};
+// Not every test binary uses every one.
+#[allow(unused_imports)]
+pub use presence_e2e::beating::{StreamEnd, beat_until_end, session_beat, session_open};
 use presence_sdk::{
     Presence, PresenceClient, PresenceStream, PresenceUpdate, SessionState, VisibleStatus,
 };
@@ -305,27 +308,6 @@ impl AliceWatchesBob {
     }
 }
 
-/// The message that opens a heartbeat session for `device`.
-pub fn session_open(device: &str) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest {
-        request: Some(heartbeat_request::Request::Open(pb::SessionOpen {
-            device_id: device.into(),
-            platform: pb::Platform::Desktop as i32,
-            ..Default::default()
-        })),
-    }
-}
-
-/// Heartbeat number `seq` of a session.
-pub fn session_beat(seq: u64) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest {
-        request: Some(heartbeat_request::Request::Beat(pb::SessionBeat {
-            seq,
-            ..Default::default()
-        })),
-    }
-}
-
 /// A raw heartbeat stream that opens a session and then does only what the
 /// test says: the way to play a client that vanishes, drops its stream or
 /// cannot move to another node (the SDK would reconnect).
@@ -360,6 +342,29 @@ impl RawSession {
             Some(pb::heartbeat_response::Response::Opened(_))
         ));
         RawSession { outbound, inbound }
+    }
+}
+
+/// A raw heartbeat stream that opens a session on the node at `url` and
+/// beats on time until that node goes away: a device that cannot move
+/// (unlike the SDK).
+pub struct BeatingSession {
+    task: JoinHandle<StreamEnd>,
+}
+
+impl BeatingSession {
+    pub async fn open(url: String, user: &str, device: &str) -> BeatingSession {
+        let stub = PresenceServiceClient::connect(url).await.unwrap();
+        let RawSession { outbound, inbound } = RawSession::open(stub, user, device).await;
+        BeatingSession {
+            task: tokio::spawn(beat_until_end(outbound, inbound, HEARTBEAT)),
+        }
+    }
+}
+
+impl Drop for BeatingSession {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

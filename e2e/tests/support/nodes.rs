@@ -393,6 +393,19 @@ impl ServerNode {
         addr: Option<SocketAddr>,
         overrides: &[(&str, String)],
     ) -> ServerNode {
+        Self::start_with_env(cluster, test, name, addr, overrides, &[]).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with environment variables
+    /// set for the process (`("RUST_LOG", "debug")`).
+    pub async fn start_with_env(
+        cluster: &RedisCluster,
+        test: &str,
+        name: &str,
+        addr: Option<SocketAddr>,
+        overrides: &[(&str, String)],
+        env: &[(&str, &str)],
+    ) -> ServerNode {
         let mut args = server_args(&cluster.seeds());
         for (flag, value) in overrides {
             match args.iter().position(|arg| arg == flag) {
@@ -417,6 +430,7 @@ impl ServerNode {
                 }
             }
             let child = command
+                .envs(env.iter().copied())
                 .args(["--listen", &addr.to_string(), "--node-id", &node_id])
                 .args(&args)
                 .stdin(Stdio::null())
