@@ -259,6 +259,13 @@ async fn sessions_and_watches_outlive_their_connections_max_age_without_flicker(
         !reconnects.is_empty(),
         "the max age never cut the session's stream"
     );
+    // Told to move before the connection closed, not cut by it.
+    assert!(
+        reconnects
+            .iter()
+            .all(|reconnect| reconnect.contains("connection max age")),
+        "the session's stream was cut without a go_away: {reconnects:?}"
+    );
     server.stop().await;
 }
 

@@ -15,7 +15,9 @@
 //! - **keepalive**: HTTP/2 pings every `--http2-keepalive-interval`; a peer
 //!   that does not answer within `--http2-keepalive-timeout` is dropped.
 //! - **max age**: after `--max-connection-age` ± 10% a connection is asked
-//!   to go away; its calls in progress get `--max-connection-age-grace`.
+//!   to go away; its calls in progress get `--max-connection-age-grace`, and
+//!   its heartbeat streams a `go_away` at once ([`ConnectionAged`]), so
+//!   sessions move to a new connection instead of being cut.
 //! - **cap**: past `--max-connections`, the next
 //!   `--health-connection-reserve` connections may only call
 //!   `grpc.health.v1.Health/Check` (so a full node still answers its health
@@ -350,7 +352,9 @@ async fn serve_io<IO, S, B>(
         greeted: greeted.clone(),
     });
     let (calls, mut calls_changed) = watch::channel(0usize);
+    let (aging, aged) = watch::channel(false);
     let service = ConnectionService {
+        aged: ConnectionAged(aged),
         inner: service,
         calls: Arc::new(calls),
         restricted,
@@ -409,6 +413,9 @@ async fn serve_io<IO, S, B>(
             }
             () = sleep_until(age_deadline.unwrap_or(accepted)), if age_deadline.is_some() && !going_away => {
                 close("max_age");
+                // Heartbeat streams move at once with a `go_away`, rather
+                // than be cut at the end of the grace.
+                aging.send_replace(true);
                 connection.as_mut().graceful_shutdown();
                 going_away = true;
                 close_deadline = Some(Instant::now() + bounds.max_age_grace);
@@ -483,11 +490,28 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Greeting<IO> {
     }
 }
 
+/// In every request's extensions: whether the request's connection reached
+/// its maximum age and is going away, so that long calls can move their
+/// client before the connection is cut.
+#[derive(Clone)]
+pub struct ConnectionAged(watch::Receiver<bool>);
+
+impl ConnectionAged {
+    /// Resolves once the connection reached its maximum age (never if the
+    /// connection's task ended without).
+    pub async fn reached(mut self) {
+        if self.0.wait_for(|aged| *aged).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// The node's service as one connection sees it: calls counted, request
 /// bodies timed, and only health checks past the cap.
 #[derive(Clone)]
 struct ConnectionService<S> {
     inner: S,
+    aged: ConnectionAged,
     /// Calls in progress on this connection; the connection's task watches
     /// it to know when the connection is idle.
     calls: Arc<watch::Sender<usize>>,
@@ -515,6 +539,7 @@ where
             request.extensions_mut().insert(VerifiedClientCert);
         }
         request.extensions_mut().insert(PeerAddr(self.peer));
+        request.extensions_mut().insert(self.aged.clone());
         let call = CallInProgress::start(self.calls.clone());
         let path = request.uri().path();
         if self.restricted && path != HEALTH_CHECK {

@@ -107,8 +107,9 @@ struct Held {
     /// the replay if it lost the user meanwhile (restarted empty), so the
     /// replay builds on the user's choice and version.
     base: Option<UserRecord>,
-    /// Changes not in the hot store yet, oldest first.
-    queue: VecDeque<Mutation>,
+    /// Changes not in the hot store yet, oldest first, with when they were
+    /// taken (Unix ms).
+    queue: VecDeque<(i64, Mutation)>,
     /// What contacts last saw of the user through this node: the shown
     /// state recorded in the history during the outage (or the durable one
     /// the record was rebuilt from).
@@ -234,7 +235,10 @@ impl Degraded {
             .as_mut()
             .and_then(|sessions| sessions.remove(user_id))
             .unwrap_or_default();
-        let base = durable_record(durable.clone(), true);
+        // With a session here the user is live: their durable shown state
+        // stands, as in the rebuilt record, so that the queue replayed on it
+        // moves it as it moved the rebuilt one (same versions).
+        let base = durable_record(durable.clone(), sessions.is_empty());
         let record = rebuild(durable, sessions, ending_own);
         state.users.insert(
             user_id.to_owned(),
@@ -289,8 +293,8 @@ impl Degraded {
         }
         // Clients repeat themselves (the SDK sends its activity with every
         // beat): one copy of a change replays the same as many.
-        if held.queue.back() != Some(&mutation) {
-            held.queue.push_back(mutation);
+        if held.queue.back().is_none_or(|(_, last)| *last != mutation) {
+            held.queue.push_back((now_ms, mutation));
             state.queued += 1;
             metrics::gauge!(QUEUED_METRIC).set(state.queued as f64);
         }
@@ -310,8 +314,9 @@ impl Degraded {
         state.users.get(user_id).and_then(|held| held.base.clone())
     }
 
-    /// The changes of `user_id` not in the hot store yet, oldest first.
-    pub fn queued_changes(&self, user_id: &str) -> Vec<Mutation> {
+    /// The changes of `user_id` not in the hot store yet, oldest first, with
+    /// when they were taken.
+    pub fn queued_changes(&self, user_id: &str) -> Vec<(i64, Mutation)> {
         let state = self.state.lock();
         state
             .users
@@ -359,7 +364,9 @@ pub fn chooses(mutation: &Mutation) -> bool {
     match mutation {
         Mutation::SetStatus { .. } => true,
         Mutation::Open { status, .. } | Mutation::Update { status, .. } => status.is_some(),
-        Mutation::Replay(changes) => changes.iter().any(chooses),
+        Mutation::Replay(changes) => changes.iter().any(|(_, change)| chooses(change)),
+        Mutation::IfKnown(change) => chooses(change),
+        Mutation::NotOlderThan(_) => false,
         Mutation::Touch { .. } | Mutation::End { .. } | Mutation::EndNode { .. } => false,
     }
 }
@@ -419,7 +426,8 @@ fn shown_of(last: &HistoryRecord) -> Shown {
 /// the durable store last saw (the node that held them was lost while the
 /// hot store was away, and the hot store restarted empty). Such a user reads
 /// as offline, "node lost", one version above the durable record, rather than
-/// as a ghost. The same record seeds a hot store that lost the user.
+/// as a ghost. The same record seeds a hot store that lost the user, unless
+/// the seeding node holds a session of them (then it is live).
 pub fn durable_record(durable: DurableState, no_live_session: bool) -> Option<UserRecord> {
     let (chosen, custom_message) = choice_of(&durable);
     let Some(last) = durable.last else {
@@ -609,8 +617,8 @@ mod tests {
         assert!(chooses(&set));
         assert!(chooses(&open(status.clone())) && !chooses(&open(None)));
         assert!(chooses(&beat(status.clone())) && !chooses(&beat(None)));
-        assert!(chooses(&Mutation::Replay(vec![beat(None), set])));
-        assert!(!chooses(&Mutation::Replay(vec![beat(None)])));
+        assert!(chooses(&Mutation::Replay(vec![(1, beat(None)), (2, set)])));
+        assert!(!chooses(&Mutation::Replay(vec![(1, beat(None))])));
         let touch = Mutation::Touch {
             session: session("phone", 7),
             activity: None,
@@ -724,9 +732,13 @@ mod tests {
         assert!(applied.shown_changed);
         assert_eq!(record.shown.status, VisibleStatus::Busy);
         assert_eq!(degraded.queued(), 2);
-        assert_eq!(degraded.queued_changes("bob"), vec![beat, busy.clone()]);
+        // A repeat keeps the time of the first copy: the change was made then.
+        assert_eq!(
+            degraded.queued_changes("bob"),
+            vec![(1_000, beat), (1_002, busy.clone())]
+        );
         assert!(matches!(degraded.replayed("bob", 1), Popped::More));
-        assert_eq!(degraded.queued_changes("bob"), vec![busy]);
+        assert_eq!(degraded.queued_changes("bob"), vec![(1_002, busy)]);
         let Popped::Done { recorded } = degraded.replayed("bob", 1) else {
             panic!("bob's queue is empty");
         };

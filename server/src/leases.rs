@@ -10,7 +10,7 @@
 //! call leaves nothing behind. A lease taken from a stream (replaced, logged
 //! out, expired) ends that stream at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ const LOCK_STRIPES: usize = 1024;
 pub struct Leases {
     /// std-style Mutex, not Tokio's: nothing async runs while it is held.
     leases: Mutex<HashMap<SessionKey, Lease>>,
+    /// The devices of each user with a lease, changed under the `leases`
+    /// lock.
+    users: Mutex<HashMap<String, HashSet<String>>>,
     /// Held across a device's hot-store mutation and the lease change that
     /// follows it, so the two are one step to every other path.
     locks: Box<[tokio::sync::Mutex<()>]>,
@@ -88,6 +91,7 @@ impl Default for Leases {
     fn default() -> Self {
         Leases {
             leases: Mutex::default(),
+            users: Mutex::default(),
             locks: (0..LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -99,8 +103,17 @@ impl Default for Leases {
 impl Leases {
     /// Serializes every change of `key`'s lease and session on this node.
     pub async fn lock(&self, key: &SessionKey) -> tokio::sync::MutexGuard<'_, ()> {
-        let stripe = self.hasher.hash_one(key) as usize % LOCK_STRIPES;
-        self.locks[stripe].lock().await
+        self.locks[self.stripe(key)].lock().await
+    }
+
+    /// The device's lock if it is free now: for a path that may hold the
+    /// lock of another device of the same stripe already.
+    pub fn try_lock(&self, key: &SessionKey) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.locks[self.stripe(key)].try_lock().ok()
+    }
+
+    fn stripe(&self, key: &SessionKey) -> usize {
+        self.hasher.hash_one(key) as usize % LOCK_STRIPES
     }
 
     /// Starts the lease of `session`, just written to the hot store,
@@ -130,7 +143,14 @@ impl Leases {
             written_at: now,
             stream: sender,
         };
-        let replaced = self.leases.lock().insert(key, held);
+        let mut leases = self.leases.lock();
+        self.users
+            .lock()
+            .entry(key.user_id.clone())
+            .or_default()
+            .insert(key.device_id.clone());
+        let replaced = leases.insert(key, held);
+        drop(leases);
         let mut in_grace = false;
         if let Some(old) = replaced {
             in_grace = old.reason == OfflineReason::ConnectionClosed;
@@ -193,9 +213,42 @@ impl Leases {
             return;
         }
         if let Some(old) = leases.remove(key) {
+            let mut users = self.users.lock();
+            if let Some(devices) = users.get_mut(&key.user_id) {
+                devices.remove(&key.device_id);
+                if devices.is_empty() {
+                    users.remove(&key.user_id);
+                }
+            }
+            drop(users);
             drop(leases);
             old.end_stream(why);
         }
+    }
+
+    /// Whether this node holds a session of `user_id`.
+    pub fn holds_user(&self, user_id: &str) -> bool {
+        self.users.lock().contains_key(user_id)
+    }
+
+    /// A copy of the sessions this node holds of `user_id`.
+    pub fn sessions_of(&self, user_id: &str) -> Vec<(SessionKey, Session)> {
+        let leases = self.leases.lock();
+        let users = self.users.lock();
+        let Some(devices) = users.get(user_id) else {
+            return Vec::new();
+        };
+        devices
+            .iter()
+            .filter_map(|device_id| {
+                let key = SessionKey {
+                    user_id: user_id.to_owned(),
+                    device_id: device_id.clone(),
+                };
+                let session = leases.get(&key)?.session.clone();
+                Some((key, session))
+            })
+            .collect()
     }
 
     /// The leases whose deadline has passed. They stay held until their

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::degraded::{self, Degraded, Popped};
 use crate::domain::{
     Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
-    Shown, UserRecord, View, Viewer,
+    Shown, TransitionError, UserRecord, View, Viewer,
 };
 use crate::hub::{DeviceTaken, Hub};
 use crate::leases::{Expired, Leases, SessionKey, StreamEnd, StreamEnded};
@@ -191,29 +191,55 @@ impl Node {
         // changes in order: the hot store must not see a new change before
         // the older queued ones.
         if self.degraded.hot_down() || self.degraded.holds(user_id) {
-            return self.mutate_degraded(user_id, mutation).await;
-        }
-        // The hot store lost its data and the users have not been given back
-        // their durable state yet: no change may start from the defaults.
-        if self.hot_lost_sessions.load(Ordering::Acquire) && !degraded::ends_session(&mutation) {
-            self.restore_from_durable(user_id).await?;
+            return self.mutate_degraded(user_id, mutation, now_ms()).await;
         }
         let now = now_ms();
         // Kept for the degraded path: the hot store takes the mutation by value.
         let retry = mutation.clone();
-        let (record, applied) = match self
-            .backends
-            .hot
-            .apply(user_id, mutation, now, self.limits())
-            .await
-        {
-            Ok(done) => done,
-            Err(StoreError::Unavailable(cause)) => {
-                metrics::backend_error("hot");
-                self.degraded.hot_failed(&cause);
-                return self.mutate_degraded(user_id, retry).await;
+        // A change applies only to a user the hot store knows. One that
+        // restarted empty forgot the user's choice, and if no call failed
+        // (between two renewals of the node lease) nothing told this node:
+        // building on the default choice would show an invisible user
+        // online. The durable state goes back first; for a session end too,
+        // or the end would change nothing there and the durable store would
+        // keep showing the user online.
+        let ends = degraded::ends_session(&mutation);
+        let mut attempt = if self.durable_outlives_hot() {
+            Mutation::IfKnown(Box::new(mutation))
+        } else {
+            mutation
+        };
+        let (record, applied) = loop {
+            match self
+                .backends
+                .hot
+                .apply(user_id, attempt, now, self.limits())
+                .await
+            {
+                Ok(done) => break done,
+                // Once restored, what the durable store does not know of the
+                // user is the default: the change builds on what is there.
+                Err(StoreError::Transition(TransitionError::Forgotten)) => {
+                    // Ends are never refused: without the durable state the
+                    // end still removes the session.
+                    if let Err(error) = self.restore_from_durable(user_id).await
+                        && !ends
+                    {
+                        return Err(error);
+                    }
+                    self.reassert_user(user_id, now).await;
+                    attempt = retry.clone();
+                }
+                Err(StoreError::Unavailable(cause)) => {
+                    metrics::backend_error("hot");
+                    self.degraded.hot_failed(&cause);
+                    // At the same time: should the write land after all (a
+                    // timeout is no proof it did not), it carries the
+                    // version this node shows and records.
+                    return self.mutate_degraded(user_id, retry, now).await;
+                }
+                Err(error) => return Err(error.into()),
             }
-            Err(error) => return Err(error.into()),
         };
         if applied.record_changed && degraded::chooses(&retry) {
             self.save_choice(user_id, &record).await;
@@ -222,6 +248,48 @@ impl Node {
             metrics::change();
         }
         Ok(record)
+    }
+
+    /// Puts this node's sessions of a user the hot store forgot back before
+    /// a change of the user, which must count them (the session limit, the
+    /// derived status). A device whose lock is taken (maybe by the caller)
+    /// waits for the re-assertion of all sessions that follows the renewal
+    /// of the node lease.
+    async fn reassert_user(&self, user_id: &str, now: i64) {
+        let mut locked = Vec::new();
+        let mut updates = Vec::new();
+        for (key, session) in self.leases.sessions_of(user_id) {
+            let Some(lock) = self.leases.try_lock(&key) else {
+                continue;
+            };
+            // Ended or replaced since the copy was taken.
+            if self
+                .leases
+                .session(&key)
+                .is_none_or(|(held, _)| held.conn_id != session.conn_id)
+            {
+                continue;
+            }
+            locked.push(lock);
+            let update = Mutation::Update {
+                session,
+                activity: None,
+                status: None,
+            };
+            updates.push((now, update));
+        }
+        if updates.is_empty() {
+            return;
+        }
+        // A visible change is logged and published by the hot store itself.
+        if let Err(error) = self
+            .backends
+            .hot
+            .apply(user_id, Mutation::Replay(updates), now, self.limits())
+            .await
+        {
+            tracing::warn!(%error, user_id, "re-asserting the sessions of a forgotten user failed");
+        }
     }
 
     async fn record_history(&self, user_id: &str, shown: &Shown) {
@@ -257,15 +325,14 @@ impl Node {
         &self,
         user_id: &str,
         mutation: Mutation,
+        now: i64,
     ) -> Result<UserRecord, ApiError> {
         if !self.degraded.holds(user_id) {
             self.start_holding(user_id, degraded::ends_session(&mutation))
                 .await?;
         }
         let chooses = degraded::chooses(&mutation);
-        let (record, applied) = self
-            .degraded
-            .apply(user_id, mutation, now_ms(), self.limits())?;
+        let (record, applied) = self.degraded.apply(user_id, mutation, now, self.limits())?;
         if applied.record_changed && chooses {
             self.save_choice(user_id, &record).await;
         }
@@ -333,9 +400,9 @@ impl Node {
     /// Writes one user's queued changes into the hot store as one change,
     /// then tells the other nodes the converged state (they missed the
     /// changes: the fan-out was down; watchers drop it if they hold it
-    /// already) and records it in the history if it moved and differs from
-    /// what was recorded meanwhile (the hot store merges the sessions other
-    /// nodes hold, which this node could not see).
+    /// already) and records it in the history unless this node recorded it
+    /// already (the hot store merges the sessions other nodes hold, which
+    /// this node could not see).
     async fn replay_user(&self, user_id: &str) -> Result<(), String> {
         // A hot store that restarted empty forgot the user: what the durable
         // store knew of them when their record was rebuilt (their choice,
@@ -354,7 +421,6 @@ impl Node {
                 .map_err(|error| format!("restoring a forgotten user: {error}"))?;
         }
         let mut converged = None;
-        let mut moved = false;
         let recorded = loop {
             let changes = self.degraded.queued_changes(user_id);
             let count = changes.len();
@@ -365,10 +431,7 @@ impl Node {
                     .apply(user_id, Mutation::Replay(changes), now_ms(), self.limits())
                     .await
                 {
-                    Ok((record, applied)) => {
-                        moved |= applied.shown_changed;
-                        converged = Some(record);
-                    }
+                    Ok((record, _)) => converged = Some(record),
                     Err(StoreError::Unavailable(cause)) => return Err(cause),
                     Err(error) => {
                         tracing::warn!(%error, user_id, "replaying queued changes failed, dropped");
@@ -380,18 +443,34 @@ impl Node {
                 break recorded;
             }
         };
-        let Some(record) = converged else {
+        let Some(mut record) = converged else {
             return Ok(());
         };
-        let shown = &record.shown;
-        let same = (shown.status, &shown.custom_message, shown.offline_reason)
-            == (
-                recorded.status,
-                &recorded.custom_message,
-                recorded.offline_reason,
-            );
-        if moved && !same {
-            self.record_history(user_id, shown).await;
+        if record.shown.version < recorded.version {
+            match self
+                .backends
+                .hot
+                .apply(
+                    user_id,
+                    Mutation::NotOlderThan(recorded.clone()),
+                    now_ms(),
+                    self.limits(),
+                )
+                .await
+            {
+                Ok((newer, _)) => record = newer,
+                Err(error) => {
+                    tracing::warn!(%error, user_id, "keeping the replayed version above the one shown during the outage failed");
+                }
+            }
+        }
+        // Whoever made it (this replay, another node, or a write of this
+        // node that timed out and landed after all), what contacts see now
+        // must be the durable store's latest too, or a read after Redis loses
+        // the user again shows an older version. Recording a version twice
+        // stores it once.
+        if record.shown != recorded {
+            self.record_history(user_id, &record.shown).await;
         }
         let event = BusEvent::Presence {
             user_id: user_id.to_owned(),
@@ -450,8 +529,12 @@ impl Node {
                 }
             };
             for (user_id, state) in forgotten.iter().zip(states) {
+                // This node holds a live session of each: their last shown
+                // state stands until the re-assertion that follows (or the
+                // end of the session) moves it, so no read sees it go
+                // offline and back, or its version go back.
                 // Nothing durable: the user never chose, the default holds.
-                let Some(record) = degraded::durable_record(state, true) else {
+                let Some(record) = degraded::durable_record(state, false) else {
                     continue;
                 };
                 // Writes nothing where a change reached the hot store first.
@@ -500,7 +583,6 @@ impl Node {
             device_id: open.device_id.clone(),
         };
         let device = self.leases.lock(&key).await;
-        self.restore_from_durable(&caller.user_id).await?;
         let session = self.new_session(open.device_id, open.platform, open.activity);
         let record = self
             .mutate(
@@ -622,10 +704,7 @@ impl Node {
         let device = self.leases.lock(&key).await;
         let mut session = match self.leases.session(&key) {
             Some((session, _)) => session,
-            None => {
-                self.restore_from_durable(&caller.user_id).await?;
-                self.new_session(device_id, platform, activity.unwrap_or_default())
-            }
+            None => self.new_session(device_id, platform, activity.unwrap_or_default()),
         };
         if let Some(activity) = changed_activity {
             session.activity = activity;
@@ -842,19 +921,24 @@ impl Node {
             }
         };
         // Right after an outage nodes are still re-asserting their sessions,
-        // so a user the hot store does not know yet may well be online.
-        let no_live_session =
+        // so a user the hot store does not know yet may well be online; and
+        // a user this node holds a session of is (the hot store restarted
+        // empty and the node has not put the session back yet). Showing
+        // such a user offline would be undone at the next read during an
+        // outage, with an older version.
+        let hot_is_current =
             hot_answered && !self.degraded.durable_is_current(self.config.node_lease);
+        let mut seeds = Vec::new();
         for (i, state) in missing.iter().zip(states) {
+            let no_live_session = hot_is_current && !self.leases.holds_user(&user_ids[*i]);
             records[*i] = degraded::durable_record(state, no_live_session);
+            if no_live_session && let Some(record) = &records[*i] {
+                seeds.push((user_ids[*i].clone(), record.clone()));
+            }
         }
         // Cache-aside: the hot store gets the users it missed back, so the
         // next read does not ask the durable store again.
-        if no_live_session && self.durable_outlives_hot() {
-            let seeds: Vec<(String, UserRecord)> = missing
-                .iter()
-                .filter_map(|i| Some((user_ids[*i].clone(), records[*i].clone()?)))
-                .collect();
+        if !seeds.is_empty() && self.durable_outlives_hot() {
             let hot = self.backends.hot.clone();
             tokio::spawn(async move {
                 for (user_id, record) in seeds {
@@ -875,23 +959,20 @@ impl Node {
         !self.config.scylla.is_empty() && !self.config.redis_cluster.is_empty()
     }
 
-    /// Before a device opens a session of a user the hot store does not know
-    /// (it restarted empty, or the user's record expired): puts back what the
-    /// durable store knows of the user (their choice, and what contacts last
-    /// saw), so that the session builds on the user's choice and version, and
-    /// an invisible user does not come back visible. Refuses (UNAVAILABLE)
-    /// when the durable store cannot say, rather than guess the choice: the
-    /// caller must not open the session then. A hot store that fails here is
-    /// left to the change that follows, which takes the degraded path.
+    /// Before a change of a user the hot store does not know (it restarted
+    /// empty, or the user's record expired; see `Mutation::IfKnown`): puts
+    /// back what the durable store knows of the user (their choice, and what
+    /// contacts last saw), so that the change builds on the user's choice and
+    /// version, and an invisible user does not come back visible. Refuses
+    /// (UNAVAILABLE) when the durable store cannot say, rather than guess the
+    /// choice: the change must not be applied then. A hot store that fails
+    /// here is left to the change that follows, which takes the degraded
+    /// path.
     async fn restore_from_durable(&self, user_id: &str) -> Result<(), ApiError> {
         if !self.durable_outlives_hot() || self.degraded.hot_down() {
             return Ok(());
         }
         let ids = [user_id.to_owned()];
-        match self.backends.hot.get(&ids).await {
-            Ok(records) if records.iter().all(Option::is_none) => {}
-            _ => return Ok(()),
-        }
         let state = match self.backends.history.durable(&ids).await {
             Ok(states) => states.into_iter().next().unwrap_or_default(),
             Err(error) => {
@@ -902,7 +983,12 @@ impl Node {
                 ));
             }
         };
-        let Some(record) = degraded::durable_record(state, true) else {
+        // As `presence_records` reads the user: a session this node holds is
+        // live, so their last shown state stands (the version does not go
+        // back between reads); the session itself comes back with the
+        // re-assertion.
+        let no_live_session = !self.leases.holds_user(user_id);
+        let Some(record) = degraded::durable_record(state, no_live_session) else {
             // Nothing durable: the user never chose, the default holds.
             return Ok(());
         };
@@ -1358,6 +1444,15 @@ impl Node {
     /// Every session this node holds a lease for.
     pub fn held_sessions(&self) -> Vec<(SessionKey, Session)> {
         self.leases.sessions()
+    }
+
+    /// Whether the hot store has everything this node holds and acknowledged:
+    /// it answers, and nothing waits to be re-asserted or replayed. For
+    /// tests and tools that check the hot store against the leases.
+    pub fn hot_store_in_step(&self) -> bool {
+        !self.degraded.hot_down()
+            && !self.hot_lost_sessions.load(Ordering::Acquire)
+            && self.degraded.users().is_empty()
     }
 }
 

@@ -13,24 +13,33 @@
 //! - the visible status matches the sessions and the chosen status;
 //! - versions never go back, and nothing visible changes while invisible.
 //!
+//! - an invisible user is never shown online, to a contact reading them
+//!   (GetPresence) or watching them, whatever fails in whatever order.
+//!
 //! It runs on the embedded backends with a paused clock (many cases), and on
 //! Redis Cluster + ScyllaDB when `PRESENCE_TEST_REDIS_CLUSTER` and
 //! `PRESENCE_TEST_SCYLLA_NODES` are set (fewer cases, real time, the hot
-//! store losing everything among the steps).
+//! store losing everything or becoming unreachable among the steps, the
+//! other steps running during the outage; once it is over, the hot store
+//! must hold the leases' sessions again).
 
 mod common;
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use futures::{FutureExt, StreamExt};
+use presence_server::api::error::ApiError;
 use presence_server::auth::Caller;
 use presence_server::config::Cli;
-use presence_server::domain::{Activity, ChosenStatus, Platform, UserRecord, VisibleStatus};
+use presence_server::domain::{Activity, ChosenStatus, Platform, UserRecord, View, VisibleStatus};
 use presence_server::feed::{Feed, FeedConfig, run_projection};
 use presence_server::leases::{SessionKey, StreamEnd, StreamEnded};
 use presence_server::node::{BeatChange, Node, OpenRequest};
+use presence_server::watch::{WatchEvent, WatchRequest};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use tokio::sync::watch;
@@ -74,9 +83,17 @@ enum Step {
     Advance {
         ms: u64,
     },
-    /// The hot store forgets everything (Redis restarted empty); the node
-    /// then runs one round of its duties, as its maintenance loop would.
+    /// The hot store forgets everything (Redis restarted empty). Nothing
+    /// tells the node until a call of its fails or its next `Maintain`.
     LoseHotStore,
+    /// The hot store stops answering (every Redis node paused) for `ms`;
+    /// the steps that follow run during the outage.
+    Outage {
+        ms: u64,
+    },
+    /// One round of the node's duties (node lease renewal, which probes the
+    /// hot store, sweep, catch-up), as its maintenance loops run them.
+    Maintain,
 }
 
 fn step(lose_hot_store: bool) -> impl Strategy<Value = Step> {
@@ -96,7 +113,13 @@ fn step(lose_hot_store: bool) -> impl Strategy<Value = Step> {
         2 => (0u64..2_500).prop_map(|ms| Step::Advance { ms }),
     ];
     if lose_hot_store {
-        prop_oneof![12 => steps, 1 => Just(Step::LoseHotStore)].boxed()
+        prop_oneof![
+            12 => steps,
+            1 => Just(Step::LoseHotStore),
+            1 => (300u64..1_500).prop_map(|ms| Step::Outage { ms }),
+            2 => Just(Step::Maintain),
+        ]
+        .boxed()
     } else {
         steps.boxed()
     }
@@ -138,11 +161,16 @@ struct Stream {
     closed: bool,
 }
 
+type Watch = Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, ApiError>> + Send>>;
+
 struct Model {
     node: Arc<Node>,
     /// Keeps the node's history projection running (on Redis).
     _projection: Option<watch::Sender<bool>>,
     users: Vec<String>,
+    /// A contact of every user, reading them (GetPresence) and watching them.
+    contact: Caller,
+    watch: Watch,
     /// The model's clock: Tokio's, paused on the embedded backends.
     started: tokio::time::Instant,
     leases: HashMap<SessionKey, Lease>,
@@ -151,8 +179,18 @@ struct Model {
     /// What contacts last saw of each user, to check versions and
     /// invisibility between steps.
     last_seen: Vec<Option<(u64, VisibleStatus)>>,
+    /// Per user, the versions from which they were invisible, and until
+    /// which (`None`: still invisible). A watch event inside one must be
+    /// OFFLINE, however late it arrives.
+    invisible: Vec<Vec<(u64, Option<u64>)>>,
+    /// The latest version the watch sent of each user.
+    watched: Vec<u64>,
     /// Real time (Redis): deadlines are only known within this slack.
     slack_ms: u64,
+    /// Until when the hot store is paused (an `Outage`).
+    paused_until: Option<tokio::time::Instant>,
+    /// The hot store lost everything and the node has not caught up yet.
+    flushed: bool,
 }
 
 fn check(condition: bool, what: impl FnOnce() -> String) -> Result<(), TestCaseError> {
@@ -377,6 +415,17 @@ impl Model {
                     .set_status(&self.caller(user), chosen(n), String::new())
                     .await;
                 check(set.is_ok(), || format!("set status: {set:?}"))?;
+                let version = set.unwrap().shown.version;
+                let was_invisible = self.chosen[user] == ChosenStatus::Invisible;
+                let invisible = chosen(n) == ChosenStatus::Invisible;
+                if invisible && !was_invisible {
+                    self.invisible[user].push((version, None));
+                } else if was_invisible
+                    && !invisible
+                    && let Some((_, until)) = self.invisible[user].last_mut()
+                {
+                    *until = Some(version);
+                }
                 self.chosen[user] = chosen(n);
             }
             Step::Sweep => {
@@ -386,14 +435,20 @@ impl Model {
             }
             Step::Advance { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
             Step::LoseHotStore => {
+                self.wait_out_outage().await;
                 self.projected().await?;
                 lose_hot_store().await;
-                let now = self.now_ms();
-                self.node.maintain_once().await;
-                self.swept(now)?;
+                self.flushed = true;
             }
+            Step::Outage { ms } => {
+                // A paused Redis takes no new pause: outages follow each other.
+                self.wait_out_outage().await;
+                pause_hot_store(ms).await;
+                self.paused_until = Some(tokio::time::Instant::now() + Duration::from_millis(ms));
+            }
+            Step::Maintain => self.maintain().await?,
         }
-        self.check_invariants().await
+        self.check_invariants(false).await
     }
 
     /// Waits until the durable store holds every user's current version:
@@ -421,38 +476,130 @@ impl Model {
         }
     }
 
-    async fn check_invariants(&mut self) -> Result<(), TestCaseError> {
-        let records = self
+    fn in_outage(&self) -> bool {
+        self.paused_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    async fn wait_out_outage(&mut self) {
+        if let Some(until) = self.paused_until.take() {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    async fn maintain(&mut self) -> Result<(), TestCaseError> {
+        let now = self.now_ms();
+        let outage = self.in_outage();
+        self.node.maintain_once().await;
+        if !outage && self.node.hot_store_in_step() {
+            self.flushed = false;
+        }
+        self.swept(now)
+    }
+
+    /// The end of a case: the outage over, the node's duties run until it
+    /// caught up, then every invariant must hold, the hot store's too.
+    async fn recover(&mut self) -> Result<(), TestCaseError> {
+        self.wait_out_outage().await;
+        let mut last = Ok(());
+        for _ in 0..10 {
+            self.maintain().await?;
+            last = self.check_invariants(true).await;
+            if last.is_ok() {
+                // Late fan-out events still reach the watch.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                return self.check_watch();
+            }
+        }
+        last
+    }
+
+    /// Every watch event so far: nobody shown online within a stretch of
+    /// versions in which they were invisible, versions never back.
+    fn check_watch(&mut self) -> Result<(), TestCaseError> {
+        while let Some(Some(event)) = self.watch.next().now_or_never() {
+            let event =
+                event.map_err(|e| TestCaseError::fail(format!("the watch failed: {e:?}")))?;
+            let WatchEvent::Presence(view) = event else {
+                continue;
+            };
+            let Some(user) = self.users.iter().position(|u| *u == view.user_id) else {
+                continue;
+            };
+            let hidden = self.invisible[user].iter().any(|(from, until)| {
+                view.version >= *from && until.is_none_or(|u| view.version < u)
+            });
+            check(!hidden || view.status == VisibleStatus::Offline, || {
+                format!(
+                    "{} is invisible but the watch shows them {:?} at version {}",
+                    view.user_id, view.status, view.version
+                )
+            })?;
+            // The snapshot shows a user never seen at version 0.
+            let last = self.watched[user];
+            check(
+                view.version > last || view.version == 0 && last == 0,
+                || {
+                    format!(
+                        "{}: the watch went from version {} to {}",
+                        view.user_id, last, view.version
+                    )
+                },
+            )?;
+            self.watched[user] = view.version;
+        }
+        Ok(())
+    }
+
+    /// The hot store is checked against the leases only while it has
+    /// everything the node holds (`strict`: it must); the rest always.
+    async fn check_invariants(&mut self, strict: bool) -> Result<(), TestCaseError> {
+        let in_step = !self.in_outage() && !self.flushed && self.node.hot_store_in_step();
+        check(in_step || !strict, || {
+            "the hot store did not catch up after the outage".to_owned()
+        })?;
+        let records = if in_step {
+            match self.node.backends.hot.get(&self.users).await {
+                Ok(records) => Some(records),
+                Err(e) if strict => {
+                    return Err(TestCaseError::fail(format!("hot store read failed: {e}")));
+                }
+                // A slow answer on a loaded machine: the next step checks.
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        let views = self
             .node
-            .backends
-            .hot
-            .get(&self.users)
+            .get_presence(&self.contact, &self.users)
             .await
-            .map_err(|e| TestCaseError::fail(format!("hot store read failed: {e}")))?;
-        let read = self
-            .node
-            .presence_records(&self.users)
-            .await
-            .map_err(|e| TestCaseError::fail(format!("presence read failed: {e:?}")))?;
+            .map_err(|e| TestCaseError::fail(format!("GetPresence as a contact failed: {e:?}")))?;
         let held = self.node.held_sessions();
-        for (user, (record, read)) in records.iter().zip(read).enumerate() {
+        for (user, view) in views.iter().enumerate() {
             let user_id = &self.users[user];
-            let record = record.clone().unwrap_or_default();
-            let mut in_store: Vec<(String, u64)> = record
-                .sessions
-                .iter()
-                .map(|s| (s.device_id.clone(), s.conn_id))
-                .collect();
             let mut leased: Vec<(String, u64)> = held
                 .iter()
                 .filter(|(key, _)| key.user_id == *user_id)
                 .map(|(key, session)| (key.device_id.clone(), session.conn_id))
                 .collect();
-            in_store.sort();
             leased.sort();
-            check(in_store == leased, || {
-                format!("{user_id}: sessions in the hot store {in_store:?} != leases {leased:?}")
-            })?;
+            let record = records
+                .as_ref()
+                .map(|records| records[user].clone().unwrap_or_default());
+            if let Some(record) = &record {
+                let mut in_store: Vec<(String, u64)> = record
+                    .sessions
+                    .iter()
+                    .map(|s| (s.device_id.clone(), s.conn_id))
+                    .collect();
+                in_store.sort();
+                check(in_store == leased, || {
+                    format!(
+                        "{user_id}: sessions in the hot store {in_store:?} != leases {leased:?}"
+                    )
+                })?;
+            }
             let mut expected: Vec<String> = self
                 .leases
                 .keys()
@@ -476,21 +623,46 @@ impl Model {
                     )?;
                 }
             }
-            self.check_visible(user, &record, &read.unwrap_or_default())?;
+            self.check_visible(user, record.as_ref(), view)?;
         }
-        Ok(())
+        self.check_watch()
     }
 
-    /// `record` is the hot store's, `read` what a reader of the user gets
-    /// (after a hot-store loss, the durable store's until re-asserted).
+    /// `record` is the hot store's (when it is in step), `view` what a
+    /// contact reading the user gets (during an outage, or after a loss
+    /// until re-asserted, the durable store's).
     fn check_visible(
         &mut self,
         user: usize,
-        record: &UserRecord,
-        read: &UserRecord,
+        record: Option<&UserRecord>,
+        view: &View,
     ) -> Result<(), TestCaseError> {
         let user_id = &self.users[user];
-        let shown = &read.shown;
+        if let Some(record) = record {
+            self.check_derived(user, record)?;
+        }
+        if self.chosen[user] == ChosenStatus::Invisible {
+            check(view.status == VisibleStatus::Offline, || {
+                format!("{user_id} chose invisible but is shown {:?}", view.status)
+            })?;
+        }
+        let now = (view.version, view.status);
+        if let Some((version, status)) = self.last_seen[user] {
+            check(now.0 >= version, || {
+                format!("{user_id}: version went back from {version} to {}", now.0)
+            })?;
+            if self.chosen[user] == ChosenStatus::Invisible && status == VisibleStatus::Offline {
+                check(now.0 == version, || {
+                    format!("{user_id}: the version moved while invisible")
+                })?;
+            }
+        }
+        self.last_seen[user] = Some(now);
+        Ok(())
+    }
+
+    fn check_derived(&self, user: usize, record: &UserRecord) -> Result<(), TestCaseError> {
+        let user_id = &self.users[user];
         if record.shown.version == 0 {
             check(record.derived_status() == VisibleStatus::Offline, || {
                 format!("{user_id} is visible but was never shown: {record:?}")
@@ -504,23 +676,6 @@ impl Model {
                 )
             })?;
         }
-        if self.chosen[user] == ChosenStatus::Invisible {
-            check(shown.status == VisibleStatus::Offline, || {
-                format!("{user_id} chose invisible but is shown {:?}", shown.status)
-            })?;
-        }
-        let now = (shown.version, shown.status);
-        if let Some((version, status)) = self.last_seen[user] {
-            check(now.0 >= version, || {
-                format!("{user_id}: version went back from {version} to {}", now.0)
-            })?;
-            if self.chosen[user] == ChosenStatus::Invisible && status == VisibleStatus::Offline {
-                check(now.0 == version, || {
-                    format!("{user_id}: the version moved while invisible")
-                })?;
-            }
-        }
-        self.last_seen[user] = Some(now);
         Ok(())
     }
 }
@@ -541,6 +696,25 @@ async fn lose_hot_store() {
     let client = redis::cluster::ClusterClient::new(services.redis.clone()).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+}
+
+/// Every Redis node stops answering clients for `ms` (`CLIENT PAUSE ALL`):
+/// the node's calls run into its Redis timeout, as in a network outage.
+async fn pause_hot_store(ms: u64) {
+    let Some(Some(services)) = SERVICES.get() else {
+        return;
+    };
+    for url in &services.redis {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("ALL")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
 }
 
 /// A node as `presence_server::run` builds it; on Redis, with the history
@@ -571,7 +745,9 @@ async fn node(services: Option<&Services>) -> (Arc<Node>, Option<watch::Sender<b
     if let Some(services) = services {
         args.extend(["--redis-cluster".into(), services.redis.join(",")]);
         args.extend(["--scylla".into(), services.scylla.join(",")]);
-        args.extend(["--redis-timeout".into(), "2s".into()]);
+        // Short, so that calls into a paused Redis fail fast: the outages
+        // last 0.3 to 1.5 s.
+        args.extend(["--redis-timeout".into(), "400ms".into()]);
     }
     let config = Cli::parse_from(args).config;
     let opened = presence_server::open_backends(&config).await.unwrap();
@@ -597,27 +773,53 @@ async fn node(services: Option<&Services>) -> (Arc<Node>, Option<watch::Sender<b
 async fn run_case(services: Option<&Services>, steps: Vec<Step>) -> Result<(), TestCaseError> {
     let run = rand::random::<u32>();
     let (node, projection) = node(services).await;
+    let users: Vec<String> = (0..USERS)
+        .map(|u| format!("model-{run}-user-{u}"))
+        .collect();
+    let contact = Caller {
+        user_id: format!("model-{run}-contact"),
+        admin: false,
+        expires_at_secs: u64::MAX,
+    };
+    node.add_contacts(&contact.user_id, &users).await.unwrap();
+    let watch = presence_server::watch::watch(
+        node.clone(),
+        contact.clone(),
+        WatchRequest {
+            user_ids: Vec::new(),
+            known_versions: HashMap::new(),
+        },
+    )
+    .unwrap();
     let mut model = Model {
         node,
         _projection: projection,
-        users: (0..USERS)
-            .map(|u| format!("model-{run}-user-{u}"))
-            .collect(),
+        users,
+        contact,
+        watch: Box::pin(watch),
         started: tokio::time::Instant::now(),
         leases: HashMap::new(),
         streams: Vec::new(),
         chosen: vec![ChosenStatus::Online; USERS],
         last_seen: vec![None; USERS],
+        invisible: vec![Vec::new(); USERS],
+        watched: vec![0; USERS],
         slack_ms: if services.is_some() { 150 } else { 0 },
+        paused_until: None,
+        flushed: false,
     };
     for (i, step) in steps.into_iter().enumerate() {
         let described = format!("{step:?}");
-        model
-            .run(step)
-            .await
-            .map_err(|e| TestCaseError::fail(format!("step {i} {described}: {e}")))?;
+        if let Err(e) = model.run(step).await {
+            // The next case must not start in this one's outage.
+            model.wait_out_outage().await;
+            return Err(TestCaseError::fail(format!("step {i} {described}: {e}")));
+        }
     }
-    Ok(())
+    model
+        .recover()
+        .await
+        .map_err(|e| TestCaseError::fail(format!("after the last step: {e}")))
 }
 
 #[test]
@@ -643,18 +845,41 @@ fn on_embedded(steps: Vec<Step>) -> Result<(), TestCaseError> {
         .block_on(run_case(None, steps))
 }
 
+/// Redis Cluster and ScyllaDB from the environment, if set.
+fn services() -> Option<Services> {
+    SERVICES
+        .get_or_init(|| {
+            let (Some(redis), Some(scylla)) = (
+                common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER"),
+                common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES"),
+            ) else {
+                return None;
+            };
+            Some(Services { redis, scylla })
+        })
+        .clone()
+}
+
+/// One case on Redis Cluster and ScyllaDB, in real time, one at a time: an
+/// outage of one would fail the calls of another.
+fn on_services(services: &Services, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run_case(Some(services), steps))
+}
+
 #[test]
 fn sessions_and_leases_keep_their_invariants_on_redis_cluster_and_scylla() {
-    let (Some(redis), Some(scylla)) = (
-        common::backend_from_env("PRESENCE_TEST_REDIS_CLUSTER"),
-        common::backend_from_env("PRESENCE_TEST_SCYLLA_NODES"),
-    ) else {
+    let Some(services) = services() else {
         return;
     };
-    let services = SERVICES
-        .get_or_init(|| Some(Services { redis, scylla }))
-        .clone()
-        .unwrap();
     let mut runner = TestRunner::new(ProptestConfig {
         cases: 8,
         failure_persistence: None,
@@ -662,12 +887,7 @@ fn sessions_and_leases_keep_their_invariants_on_redis_cluster_and_scylla() {
     });
     runner
         .run(&proptest::collection::vec(step(true), 1..40), |steps| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(run_case(Some(&services), steps))
+            on_services(&services, steps)
         })
         .unwrap();
 }
@@ -675,6 +895,232 @@ fn sessions_and_leases_keep_their_invariants_on_redis_cluster_and_scylla() {
 /// The shrunk cases of the defects the model found, kept as plain tests.
 fn replay(steps: Vec<Step>) {
     on_embedded(steps).unwrap();
+}
+
+/// A case that needs Redis Cluster and ScyllaDB (skipped without them).
+fn replay_on_services(steps: Vec<Step>) {
+    if let Some(services) = services() {
+        on_services(&services, steps).unwrap();
+    }
+}
+
+/// Right after Redis restarted empty a contact read the user from the
+/// durable store as offline (at the next version: no node had put a session
+/// back yet), though this node held one; during the outage that followed,
+/// the same read showed them online at the older version.
+#[test]
+fn a_read_between_a_hot_store_loss_and_an_outage_never_goes_back() {
+    replay_on_services(vec![
+        Step::Touch {
+            user: 0,
+            device: 0,
+            idle: None,
+        },
+        Step::LoseHotStore,
+        Step::Outage { ms: 850 },
+    ]);
+}
+
+/// Changes queued during an outage were replayed at the time of the replay:
+/// a user who went invisible during it showed offline at a new version once
+/// the queue reached Redis (contacts saw the version move while invisible).
+#[test]
+fn a_replay_shows_the_versions_the_node_showed_during_the_outage() {
+    replay_on_services(vec![
+        Step::Touch {
+            user: 0,
+            device: 0,
+            idle: None,
+        },
+        Step::Outage { ms: 800 },
+        Step::SetStatus { user: 0, chosen: 2 },
+    ]);
+}
+
+/// After Redis restarted empty, a change restored the user for the node's
+/// live session as offline at the next version, and a read after the next
+/// loss showed them online at the older one.
+#[test]
+fn a_restore_for_a_held_session_keeps_the_shown_version() {
+    replay_on_services(vec![
+        Step::Open {
+            user: 1,
+            device: 0,
+            idle: false,
+        },
+        Step::LoseHotStore,
+        Step::SetStatus { user: 1, chosen: 1 },
+        Step::LoseHotStore,
+    ]);
+}
+
+/// A replay that moved the user's version without changing their status
+/// did not record it, so after the next loss of Redis the durable store
+/// answered with an older version than contacts had seen.
+#[test]
+fn a_replayed_version_reaches_the_durable_store() {
+    replay_on_services(vec![
+        Step::Open {
+            user: 1,
+            device: 0,
+            idle: true,
+        },
+        Step::Touch {
+            user: 1,
+            device: 1,
+            idle: Some(true),
+        },
+        Step::Outage { ms: 1_494 },
+        Step::Open {
+            user: 1,
+            device: 2,
+            idle: false,
+        },
+        Step::Outage { ms: 400 },
+        Step::Close { stream: 0 },
+        Step::LoseHotStore,
+        Step::Maintain,
+        Step::LoseHotStore,
+    ]);
+}
+
+/// After Redis restarted empty, the session limit counted only the sessions
+/// put back so far: a third device got in, and the re-assertion of the
+/// first was refused later, leaving a lease without its session.
+#[test]
+fn the_session_limit_counts_the_sessions_a_hot_store_loss_forgot() {
+    replay_on_services(vec![
+        Step::Touch {
+            user: 0,
+            device: 2,
+            idle: Some(true),
+        },
+        Step::LoseHotStore,
+        Step::Open {
+            user: 0,
+            device: 1,
+            idle: false,
+        },
+        Step::Touch {
+            user: 0,
+            device: 0,
+            idle: None,
+        },
+    ]);
+}
+
+/// Redis restarted empty, then the user's session ended during an outage:
+/// the replay seeded the user as the durable store knew them before (one
+/// version above it, offline) and the end changed nothing there, so the hot
+/// store showed an older version than contacts had seen during the outage.
+#[test]
+fn a_replay_into_an_emptied_hot_store_keeps_the_versions_seen_during_the_outage() {
+    replay_on_services(vec![
+        Step::Open {
+            user: 1,
+            device: 1,
+            idle: false,
+        },
+        Step::LoseHotStore,
+        Step::Outage { ms: 1_200 },
+        Step::Outage { ms: 500 },
+        Step::Sweep,
+        Step::SetStatus { user: 1, chosen: 1 },
+        Step::Maintain,
+    ]);
+}
+
+/// The same with a replay that shows the user again before they go
+/// invisible: seeding the version contacts saw last would make the replay
+/// move it once more.
+#[test]
+fn a_replay_into_an_emptied_hot_store_moves_nothing_while_invisible() {
+    replay_on_services(vec![
+        Step::Touch {
+            user: 1,
+            device: 2,
+            idle: Some(true),
+        },
+        Step::LoseHotStore,
+        Step::Outage { ms: 900 },
+        Step::Open {
+            user: 1,
+            device: 1,
+            idle: false,
+        },
+        Step::SetStatus { user: 1, chosen: 2 },
+        Step::Close { stream: 1 },
+        Step::Advance { ms: 2_000 },
+    ]);
+}
+
+/// A replay into an emptied Redis built on the durable state and converged
+/// on an older version than the node had shown its contacts meanwhile.
+#[test]
+fn a_replay_never_shows_an_older_version_than_the_outage_did() {
+    replay_on_services(vec![
+        Step::Open {
+            user: 0,
+            device: 0,
+            idle: false,
+        },
+        Step::Outage { ms: 1_235 },
+        Step::Touch {
+            user: 0,
+            device: 2,
+            idle: Some(true),
+        },
+        Step::Open {
+            user: 1,
+            device: 2,
+            idle: false,
+        },
+        Step::LoseHotStore,
+        Step::Sweep,
+    ]);
+}
+
+/// A session that expired after Redis restarted empty ended on an empty
+/// record: nothing changed there, nothing reached the durable store, and
+/// during the next outage the user read online from it again.
+#[test]
+fn a_session_ending_after_a_hot_store_loss_reaches_the_durable_store() {
+    replay_on_services(vec![
+        Step::Touch {
+            user: 0,
+            device: 1,
+            idle: Some(true),
+        },
+        Step::LoseHotStore,
+        Step::Advance { ms: 2_048 },
+        Step::Maintain,
+        Step::Outage { ms: 1_390 },
+    ]);
+}
+
+/// Redis restarted empty between two renewals of the node lease, so nothing
+/// told the node; the next change of an invisible user's device built on
+/// the default choice and showed them online.
+#[test]
+fn a_change_right_after_the_hot_store_restarted_empty_keeps_an_invisible_user_offline() {
+    replay_on_services(vec![
+        Step::Open {
+            user: 0,
+            device: 0,
+            idle: false,
+        },
+        Step::SetStatus { user: 0, chosen: 2 },
+        Step::LoseHotStore,
+        Step::Beat {
+            stream: 0,
+            idle: Some(true),
+        },
+        Step::Touch {
+            user: 0,
+            device: 1,
+            idle: Some(true),
+        },
+    ]);
 }
 
 #[test]

@@ -50,6 +50,11 @@ impl From<StoreError> for ApiError {
             StoreError::Transition(e @ TransitionError::SessionReplaced) => {
                 ApiError::FailedPrecondition(e.to_string())
             }
+            // The node restores the user and retries: never reaches a client
+            // unless the hot store forgets the user again meanwhile.
+            StoreError::Transition(TransitionError::Forgotten) => {
+                ApiError::Unavailable("the user's status is being restored, retry shortly".into())
+            }
             e @ StoreError::TooManyContacts(_) => ApiError::ResourceExhausted(e.to_string()),
             StoreError::Unavailable(cause) => {
                 tracing::warn!(%cause, "backend unavailable");

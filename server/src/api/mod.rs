@@ -93,6 +93,10 @@ impl Api {
     }
 }
 
+/// The most a heartbeat stream told to move at its connection's maximum
+/// age waits before reconnecting: far below any grace period.
+const MAX_AGE_RECONNECT_SPREAD_MS: u32 = 200;
+
 fn ms(duration: std::time::Duration) -> u32 {
     u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
@@ -111,6 +115,11 @@ impl PresenceService for Api {
             .node
             .admit_stream(&caller.user_id, StreamKind::Heartbeat)?;
         let node = self.node.clone();
+        // Served outside `connections::serve` (tests): never ages.
+        let aged = request
+            .extensions()
+            .get::<crate::connections::ConnectionAged>()
+            .cloned();
         let mut inbound = request.into_inner();
         let stream = async_stream::try_stream! {
             let _slot = slot;
@@ -146,6 +155,13 @@ impl PresenceService for Api {
             );
             let drained = node.drained();
             tokio::pin!(drained);
+            let aged = async move {
+                match aged {
+                    Some(aged) => aged.reached().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(aged);
             let expired = tokio::time::sleep(caller.valid_for());
             tokio::pin!(expired);
             loop {
@@ -160,6 +176,18 @@ impl PresenceService for Api {
                             response: Some(pb::heartbeat_response::Response::GoAway(pb::GoAway {
                                 reconnect_after_ms: 0,
                                 reason: "node draining".into(),
+                            })),
+                        };
+                        break;
+                    }
+                    // The connection is about to close: the client moves to
+                    // a new one well within the grace period. Spread a
+                    // little, as connections opened together age together.
+                    () = &mut aged => {
+                        yield pb::HeartbeatResponse {
+                            response: Some(pb::heartbeat_response::Response::GoAway(pb::GoAway {
+                                reconnect_after_ms: rand::random_range(0..=MAX_AGE_RECONNECT_SPREAD_MS),
+                                reason: "connection max age".into(),
                             })),
                         };
                         break;

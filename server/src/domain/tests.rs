@@ -472,20 +472,29 @@ fn a_replay_applies_its_changes_in_order_as_one_and_skips_what_no_longer_applies
     open(&mut record, "phone", 1, Activity::Active, 1_000);
     let before = record.shown.version;
     let replay = Mutation::Replay(vec![
-        Mutation::SetStatus {
-            chosen: ChosenStatus::Busy,
-            custom_message: "first".into(),
-        },
+        (
+            1_500,
+            Mutation::SetStatus {
+                chosen: ChosenStatus::Busy,
+                custom_message: "first".into(),
+            },
+        ),
         // Taken over by another connection meanwhile: refused, skipped.
-        Mutation::Update {
-            session: session("phone", 2, Activity::Idle),
-            activity: Some(Activity::Idle),
-            status: None,
-        },
-        Mutation::SetStatus {
-            chosen: ChosenStatus::Busy,
-            custom_message: "last".into(),
-        },
+        (
+            1_600,
+            Mutation::Update {
+                session: session("phone", 2, Activity::Idle),
+                activity: Some(Activity::Idle),
+                status: None,
+            },
+        ),
+        (
+            1_700,
+            Mutation::SetStatus {
+                chosen: ChosenStatus::Busy,
+                custom_message: "last".into(),
+            },
+        ),
     ]);
     let applied = apply(&mut record, replay, 2_000, LIMITS).unwrap();
     assert!(applied.record_changed && applied.shown_changed);
@@ -493,11 +502,83 @@ fn a_replay_applies_its_changes_in_order_as_one_and_skips_what_no_longer_applies
     assert_eq!(record.shown.custom_message, "last");
     assert_eq!(record.sessions[0].activity, Activity::Active);
     assert!(record.shown.version > before);
+    // As shown when the last change was taken, not when it was replayed.
+    assert_eq!(record.shown.last_seen_ms, 1_700);
+    assert_eq!(record.shown.version, 1_700_000);
 
-    let repeat = Mutation::Replay(vec![Mutation::SetStatus {
-        chosen: ChosenStatus::Busy,
-        custom_message: "last".into(),
-    }]);
+    let repeat = Mutation::Replay(vec![(
+        2_500,
+        Mutation::SetStatus {
+            chosen: ChosenStatus::Busy,
+            custom_message: "last".into(),
+        },
+    )]);
     let applied = apply(&mut record, repeat, 3_000, LIMITS).unwrap();
     assert!(!applied.record_changed && !applied.shown_changed);
+}
+
+#[test]
+fn what_a_node_showed_during_an_outage_is_never_read_older() {
+    let mut record = UserRecord::default();
+    open(&mut record, "phone", 1, Activity::Active, 1_000);
+    let seen = Shown {
+        version: record.shown.version + 5,
+        last_seen_ms: 1_005,
+        ..record.shown.clone()
+    };
+    let applied = apply(
+        &mut record,
+        Mutation::NotOlderThan(seen.clone()),
+        2_000,
+        LIMITS,
+    )
+    .unwrap();
+    assert!(applied.shown_changed);
+    assert_eq!(record.shown, seen, "the same state takes the version seen");
+
+    let offline = Shown {
+        status: VisibleStatus::Offline,
+        version: record.shown.version + 5,
+        offline_reason: Some(OfflineReason::Logout),
+        ..record.shown.clone()
+    };
+    apply(
+        &mut record,
+        Mutation::NotOlderThan(offline.clone()),
+        3_000,
+        LIMITS,
+    )
+    .unwrap();
+    assert_eq!(record.shown.status, VisibleStatus::Online);
+    assert!(
+        record.shown.version > offline.version,
+        "another state, a newer version"
+    );
+
+    let older = Shown {
+        version: 1,
+        ..offline
+    };
+    let applied = apply(&mut record, Mutation::NotOlderThan(older), 4_000, LIMITS).unwrap();
+    assert_eq!(applied, Applied::default());
+}
+
+#[test]
+fn a_change_if_known_is_refused_on_a_record_the_store_forgot() {
+    let mut record = UserRecord::default();
+    let set = Mutation::SetStatus {
+        chosen: ChosenStatus::Busy,
+        custom_message: String::new(),
+    };
+    let refused = apply(
+        &mut record,
+        Mutation::IfKnown(Box::new(set.clone())),
+        1_000,
+        LIMITS,
+    );
+    assert_eq!(refused, Err(TransitionError::Forgotten));
+    assert!(record.is_empty());
+    open(&mut record, "phone", 1, Activity::Active, 1_000);
+    apply(&mut record, Mutation::IfKnown(Box::new(set)), 2_000, LIMITS).unwrap();
+    assert_eq!(record.shown.status, VisibleStatus::Busy);
 }

@@ -44,8 +44,23 @@ pub enum Mutation {
     /// Changes a node took while the hot store was unreachable, applied in
     /// order as one change, so that no reader sees a state between two of
     /// them. A change that no longer applies (a session another node took
-    /// over meanwhile) is skipped: the hot store's state wins.
-    Replay(Vec<Mutation>),
+    /// over meanwhile) is skipped: the hot store's state wins. Each applies
+    /// at the time it was taken (Unix ms), so the replay shows what the node
+    /// showed then, with the same versions and last seen: contacts of an
+    /// invisible user see nothing move when it reaches the hot store.
+    Replay(Vec<(i64, Mutation)>),
+    /// The change, provided the hot store knows the user: on an empty record
+    /// (a hot store that restarted empty and forgot the user) it is refused
+    /// with [`TransitionError::Forgotten`], so that the node puts the user's
+    /// durable state back first instead of building on the default choice.
+    IfKnown(Box<Mutation>),
+    /// What contacts last saw of the user through a node that held the user
+    /// during an outage, after its replay: what the record shows must not
+    /// be older. The same state takes that version; another one gets a
+    /// version above it. (The replay builds on the hot store's record, which
+    /// can differ from the one the node showed, e.g. after Redis restarted
+    /// empty.)
+    NotOlderThan(Shown),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +82,8 @@ pub enum TransitionError {
     TooManySessions(usize),
     #[error("the session was taken over by a newer connection of the same device")]
     SessionReplaced,
+    #[error("the hot store does not know the user")]
+    Forgotten,
 }
 
 /// Applies one mutation at `now_ms` (Unix milliseconds). On error the record
@@ -80,10 +97,29 @@ pub fn apply(
     let before = record.clone();
     let mut end_reason = OfflineReason::Logout;
     match mutation {
+        Mutation::IfKnown(_) if record.is_empty() => return Err(TransitionError::Forgotten),
+        Mutation::IfKnown(change) => return apply(record, *change, now_ms, limits),
+        Mutation::NotOlderThan(seen) => {
+            let shown = &mut record.shown;
+            if shown.version < seen.version {
+                let same = (shown.status, &shown.custom_message, shown.offline_reason)
+                    == (seen.status, &seen.custom_message, seen.offline_reason);
+                if same {
+                    *shown = seen;
+                } else {
+                    shown.version = next_version(seen.version, now_ms);
+                }
+            }
+            let changed = record.shown != before.shown;
+            return Ok(Applied {
+                record_changed: changed,
+                shown_changed: changed,
+            });
+        }
         Mutation::Replay(changes) => {
-            for change in changes {
+            for (taken_ms, change) in changes {
                 // Refused changes leave the record as it was.
-                let _ = apply(record, change, now_ms, limits);
+                let _ = apply(record, change, taken_ms, limits);
             }
             return Ok(Applied {
                 record_changed: *record != before,
