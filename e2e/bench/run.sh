@@ -300,7 +300,7 @@ profile_churn_redis() { RUNS=$RUNS multi churn-redis 2 1 "${CHURN[@]}" --threads
 profile_feed() {
   local rate SERVER_FLAGS="$SERVER_FLAGS --request-body-timeout 1h"
   for rate in ${FEED_RATES:-1000 10000}; do
-    multi "feed-$((rate / 1000))k" 2 1 --sessions 5000 --connections 100 --watched 5000 \
+    multi "feed-$(if ((rate % 1000)); then echo "$rate"; else echo "$((rate / 1000))k"; fi)" 2 1 --sessions 5000 --connections 100 --watched 5000 \
       --change-rate "$rate" --consumers 4 --settle 2s --beats-only 3s --duration 30s --threads 0
   done
 }
