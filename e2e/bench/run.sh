@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark profiles of the presence server, driven by the load generator
-# (target/release/loadgen, e2e/src/loadgen). Each profile runs RUNS times
-# (fresh server processes every run) and prints the medians; the per-run
-# reports, the medians (JSON and Markdown) and the machine's description land
-# in $BENCH_DIR/<profile>/<timestamp>/.
+# (e2e/src/loadgen; release/loadgen under $CARGO_TARGET_DIR or target/). Each
+# profile runs RUNS times (fresh server processes every run) and prints the
+# medians; the per-run reports, the medians (JSON and Markdown) and the
+# machine's description land in $BENCH_DIR/<profile>/<timestamp>/.
 #
 #   e2e/bench/run.sh quick        `make bench`: one node, embedded backends, a few minutes
 #   e2e/bench/run.sh mux-100k     one node: 100k sessions over 10k connections,
@@ -11,6 +11,11 @@
 #   e2e/bench/run.sh beats-25k    one node: 100k sessions beating every 4 s (25k/s)
 #   e2e/bench/run.sh churn        one node: 1k status changes/s, 20 watchers per changing user
 #   e2e/bench/run.sh churn-redis  the churn on 2 nodes sharing a Redis Cluster
+#   e2e/bench/run.sh feed         the change feed: 2 nodes on a Redis Cluster, status
+#                                 churn at each of FEED_RATES changes/s while 4
+#                                 consumers of one group (ChangeFeed.Consume) ack
+#                                 every batch; lag, duplicates, missing changes,
+#                                 Redis round trips and memory per logged change
 #   e2e/bench/run.sh redis-100k   100k real TCP connections: 7 nodes on one Redis
 #                                 Cluster, 6 generator processes from 127.0.0.2-7
 #   e2e/bench/run.sh full         `make bench-full`: all of the above
@@ -28,10 +33,12 @@
 #   SERVER_FLAGS   extra presence-server flags (e.g. to try a setting)
 #   LOADGEN_FLAGS  extra `loadgen run` flags
 #   NO_BUILD=1     use the release binaries as they are
-#   SERVER_BIN     the server binary (default target/release/presence-server)
+#   SERVER_BIN     the server binary (default $CARGO_TARGET_DIR, or target,
+#                  /release/presence-server; the generator is found there too)
 #   COMPARE        "name=/path/to/presence-server ..." to compare builds: every
 #                  run round runs each of them in turn (so machine load hits
 #                  them alike), and each gets its own medians
+#   FEED_RATES     change rates of the feed profile (default "1000 10000")
 #
 # The soak (one run; RUNS does not apply):
 #   SOAK_DURATION    chaos duration (default 30m)
@@ -58,8 +65,10 @@ BENCH_DIR=${BENCH_DIR:-$repo/.run/bench}
 BENCH_PORT=${BENCH_PORT:-50100}
 SERVER_FLAGS=${SERVER_FLAGS:-}
 LOADGEN_FLAGS=${LOADGEN_FLAGS:-}
-SERVER=${SERVER_BIN:-$repo/target/release/presence-server}
-LOADGEN=$repo/target/release/loadgen
+# Where cargo puts the release binaries.
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+SERVER=${SERVER_BIN:-$target_dir/release/presence-server}
+LOADGEN=$target_dir/release/loadgen
 # Our own Redis Cluster ports and run dir, apart from the one tests use.
 export REDIS_CLUSTER_BASE_PORT=${BENCH_REDIS_PORT:-7200}
 export REDIS_CLUSTER_DIR=$repo/.run/bench-redis-cluster
@@ -241,7 +250,7 @@ multi() {
       stop_servers
       [ -z "$failed" ] || { tail -5 "$dir/procs/$file".proc-*.progress >&2; die "$name run $run failed"; }
       "$LOADGEN" merge --json "$dir/$file.json" "$dir/procs/$file".proc-*.json >"$dir/$file.txt"
-      grep -E 'sessions opened|connections  |change-to-watcher p99 ms|GetPresence batch .* p99 ms|per session|per 1k|Redis commands per|errors|resets' \
+      grep -E 'sessions opened|connections  |change-to-watcher p99 ms|change-to-consumer .* p99 ms|feed events consumed|feed: (dup|ack)|GetPresence batch .* p99 ms|per session|per 1k|Redis commands per|round trips|errors|resets' \
         "$dir/$file.txt" | sed 's/^/    /' >&2 || true
     done
   done
@@ -280,6 +289,21 @@ CHURN=(--sessions 10000 --connections 1000 --watchers 1000 --contacts 100 --watc
 profile_churn() { single churn "${CHURN[@]}"; }
 
 profile_churn_redis() { RUNS=$RUNS multi churn-redis 2 1 "${CHURN[@]}" --threads 0; }
+
+# The change feed: status churn over 5k users (no watchers: the fan-out is
+# churn-redis's business) while 4 consumers of one group, 2 on each node,
+# acknowledge every batch; after the load every acknowledged change must have
+# been consumed. 30 s at 10k/s logs ~300k changes, enough to weigh the log.
+# The nodes hold Consume's request stream to --request-body-timeout like a
+# unary call's body (only Heartbeat is exempt), which ends every consumer
+# after 10 s: a longer one keeps them for the run.
+profile_feed() {
+  local rate SERVER_FLAGS="$SERVER_FLAGS --request-body-timeout 1h"
+  for rate in ${FEED_RATES:-1000 10000}; do
+    multi "feed-$(if ((rate % 1000)); then echo "$rate"; else echo "$((rate / 1000))k"; fi)" 2 1 --sessions 5000 --connections 100 --watched 5000 \
+      --change-rate "$rate" --consumers 4 --settle 2s --beats-only 3s --duration 30s --threads 0
+  done
+}
 
 # 100k connections, one session each: 7 nodes (~14.3k sockets each) and 6
 # generator processes (~16.7k each), all below the 20k open files a process
@@ -383,7 +407,7 @@ PY
 main() {
   local profile=${1:-}
   case $profile in
-    smoke | quick | mux-100k | beats-25k | churn | churn-redis | redis-100k | soak) ;;
+    smoke | quick | mux-100k | beats-25k | churn | churn-redis | feed | redis-100k | soak) ;;
     full) ;;
     -h | --help | help | '')
       sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -405,6 +429,7 @@ main() {
       profile_mux_100k
       profile_beats_25k
       profile_churn_redis
+      profile_feed
       profile_redis_100k
       ;;
     *) "profile_${profile//-/_}" ;;

@@ -202,6 +202,28 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 0)]
     pub proc_index: usize,
 
+    /// Change feed consumers: ChangeFeed.Consume streams of one group (admin
+    /// token), spread over the nodes, joined before the load window from
+    /// the group's latest change on; each acknowledges every batch. After
+    /// the load every change SetStatus acknowledged must have reached one
+    /// of them.
+    #[arg(long, default_value_t = 0)]
+    pub consumers: usize,
+
+    /// Most changes in one batch a consumer asks for (the server's range is
+    /// 1 to 1000).
+    #[arg(long, default_value_t = 100)]
+    pub consumer_batch: u32,
+
+    /// The consumers' group. Processes of one run share it.
+    #[arg(long, default_value = "loadgen")]
+    pub feed_group: String,
+
+    /// After the drain, how long to wait at most for changes still on their
+    /// way to the consumers before counting them missing.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub feed_drain: Duration,
+
     /// Requests (changes and queries) in flight at most; past it a scheduled
     /// request is dropped and counted.
     #[arg(long, default_value_t = 20_000)]

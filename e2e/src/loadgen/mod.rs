@@ -8,10 +8,12 @@
 //! 2. ramp: K connections, then N heartbeat streams multiplexed over them;
 //! 3. settle, then server memory is sampled: RSS(N) - RSS(0) per session;
 //! 4. heartbeat-only window: server CPU and Redis commands per heartbeat;
-//! 5. watchers open and receive their snapshots;
-//! 6. load window: status changes (change-to-watcher latency) and
-//!    GetPresence (per batch size) on top of the heartbeats;
-//! 7. drain, then every stream is closed.
+//! 5. watchers open and receive their snapshots; change feed consumers
+//!    join their group;
+//! 6. load window: status changes (change-to-watcher and change-to-consumer
+//!    latency) and GetPresence (per batch size) on top of the heartbeats;
+//! 7. drain (and wait for the consumers to catch up: every change must
+//!    reach one), then every stream is closed.
 //!
 //! Several processes (for more sockets than one process may open) meet at
 //! each phase through a [`barrier::Barrier`]; their reports merge exactly.
@@ -19,6 +21,7 @@
 pub mod barrier;
 pub mod chaos;
 pub mod config;
+pub mod feed;
 pub mod net;
 pub mod probe;
 pub mod report;
@@ -52,6 +55,10 @@ impl Sampler {
 
     async fn redis(&self) -> anyhow::Result<u64> {
         Ok(probe::redis_commands(&self.redis).await?.unwrap_or(0))
+    }
+
+    async fn redis_detail(&self) -> anyhow::Result<Option<probe::RedisSample>> {
+        probe::redis_sample(&self.redis, true).await
     }
 }
 
@@ -151,6 +158,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
     server.watching = sampler.server()?;
     barrier.wait("watching").await?;
 
+    shared.set_phase("consume");
+    let consumers = workload::open_consumers(&shared).await;
+    barrier.wait("consuming").await?;
+
     // The generator's own footprint while everything is open.
     let mut loadgen_rss_kb = probe::sample_self().rss_kb;
     let mut load_window_secs = 0.0;
@@ -160,6 +171,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         let channels = Arc::new(channels);
         server.load_start = sampler.server()?;
         redis.load_start = sampler.redis().await?;
+        redis.load_start_detail = sampler.redis_detail().await?;
         let beats = Counters::get(&counters.beats_acked);
         let clock = Instant::now();
         shared.set_measuring(true);
@@ -179,6 +191,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         load_window_secs = clock.elapsed().as_secs_f64();
         server.load_end = sampler.server()?;
         redis.load_end = sampler.redis().await?;
+        redis.load_end_detail = sampler.redis_detail().await?;
         loadgen_rss_kb = probe::sample_self().rss_kb;
         churn.await?;
         queries.await?;
@@ -190,12 +203,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(deadline.saturating_duration_since(Instant::now())).await;
+    workload::drain_feed(&shared, cfg.feed_drain).await;
+    let feed_check = shared.feed.check(&shared);
     barrier.wait("drained").await?;
 
     shared.set_phase("close");
     let sessions_alive_at_end = workload::sessions_alive(&shared);
     shared.stop();
-    let closing = futures::future::join_all(sessions.into_iter().chain(watchers));
+    let closing = futures::future::join_all(sessions.into_iter().chain(watchers).chain(consumers));
     if tokio::time::timeout(Duration::from_secs(20), closing)
         .await
         .is_err()
@@ -241,6 +256,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<ProcessReport> {
         goaways: Counters::get(&c.goaways),
         sessions_alive_at_end,
         max_lag_ms: Counters::get(&c.max_lag_us) as f64 / 1000.0,
+        consumers: cfg.consumers as u64,
+        consumers_ready: Counters::get(&c.consumers_ready),
+        feed_batches: Counters::get(&c.feed_batches),
+        feed_events: Counters::get(&c.feed_events),
+        feed_matched: Counters::get(&c.feed_matched),
+        feed_duplicates: Counters::get(&c.feed_duplicates),
+        feed_other: Counters::get(&c.feed_other),
+        feed_missing: feed_check.missing,
+        feed_mismatched: feed_check.mismatched,
+        feed_early: feed_check.early,
         errors: shared.errors.snapshot(),
         histograms: shared.histos.encode_all(),
         server: (!sampler.pids.is_empty()).then_some(server),

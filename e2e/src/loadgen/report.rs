@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use super::probe::ProcSample;
+use super::probe::{ProcSample, RedisSample};
 use super::stats::{decode, new_histogram};
 
 /// Server processes sampled by the leader at the phase boundaries.
@@ -38,6 +38,12 @@ pub struct RedisSamples {
     pub beats_end: u64,
     pub load_start: u64,
     pub load_end: u64,
+    /// The masters' command calls, memory and change log at the load
+    /// window's boundaries.
+    #[serde(default)]
+    pub load_start_detail: Option<RedisSample>,
+    #[serde(default)]
+    pub load_end_detail: Option<RedisSample>,
 }
 
 /// Everything one generator process measured. Histograms are kept whole
@@ -78,6 +84,27 @@ pub struct ProcessReport {
     pub goaways: u64,
     pub sessions_alive_at_end: u64,
     pub max_lag_ms: f64,
+    /// The change feed's consumers (see `loadgen::feed`).
+    #[serde(default)]
+    pub consumers: u64,
+    #[serde(default)]
+    pub consumers_ready: u64,
+    #[serde(default)]
+    pub feed_batches: u64,
+    #[serde(default)]
+    pub feed_events: u64,
+    #[serde(default)]
+    pub feed_matched: u64,
+    #[serde(default)]
+    pub feed_duplicates: u64,
+    #[serde(default)]
+    pub feed_other: u64,
+    #[serde(default)]
+    pub feed_missing: u64,
+    #[serde(default)]
+    pub feed_mismatched: u64,
+    #[serde(default)]
+    pub feed_early: u64,
     pub errors: BTreeMap<String, u64>,
     pub histograms: BTreeMap<String, String>,
     pub server: Option<ServerSamples>,
@@ -264,6 +291,24 @@ pub fn summarize(processes: &[ProcessReport]) -> anyhow::Result<BTreeMap<String,
     }
     percentiles(&mut f, "snapshot", &merged(processes, "snapshot")?);
 
+    if sum(|p| p.consumers) > 0.0 {
+        f.insert("consumers".into(), sum(|p| p.consumers_ready));
+        if let Some(v) = ratio(sum(|p| p.feed_events), load_window) {
+            f.insert("feed_events_per_s".into(), v);
+        }
+        if let Some(v) = ratio(sum(|p| p.feed_events), sum(|p| p.feed_batches)) {
+            f.insert("feed_events_per_batch".into(), v);
+        }
+        f.insert("feed_matched".into(), sum(|p| p.feed_matched));
+        f.insert("feed_duplicates".into(), sum(|p| p.feed_duplicates));
+        f.insert("feed_other".into(), sum(|p| p.feed_other));
+        f.insert("feed_missing".into(), sum(|p| p.feed_missing));
+        f.insert("feed_mismatched".into(), sum(|p| p.feed_mismatched));
+        f.insert("feed_early".into(), sum(|p| p.feed_early));
+        percentiles(&mut f, "feed", &merged(processes, "feed")?);
+        percentiles(&mut f, "feed_ok", &merged(processes, "feed_ok")?);
+    }
+
     let mut get_names: Vec<String> = processes
         .iter()
         .flat_map(|p| p.histograms.keys())
@@ -334,6 +379,14 @@ pub fn summarize(processes: &[ProcessReport]) -> anyhow::Result<BTreeMap<String,
         if let Some(v) = ratio(in_load - per_beat.unwrap_or(0.0) * beats_load, changes_ok) {
             f.insert("redis_commands_per_change".into(), v);
         }
+        if let (Some(start), Some(end)) = (&redis.load_start_detail, &redis.load_end_detail) {
+            redis_detail(
+                &mut f,
+                start,
+                end,
+                in_load - per_beat.unwrap_or(0.0) * beats_load,
+            );
+        }
     }
 
     let loadgen_cpu: f64 = processes.iter().map(|p| p.loadgen.cpu_secs).sum();
@@ -365,6 +418,70 @@ pub fn summarize(processes: &[ProcessReport]) -> anyhow::Result<BTreeMap<String,
     Ok(f)
 }
 
+/// The commands that make the nodes' round trips to Redis (and XADD, which
+/// only a script runs, to tell scripts' inner calls apart), per change.
+/// PING is the connection pool's check of a connection it hands out.
+const ROUND_TRIP_COMMANDS: [&str; 8] = [
+    "evalsha",
+    "hmget",
+    "spublish",
+    "xadd",
+    "xreadgroup",
+    "xack",
+    "xautoclaim",
+    "ping",
+];
+
+/// Calls per change of each command, the round trips they add up to, and
+/// what the change log's growth cost in memory. "Per change" here is per
+/// change logged within the window (an append is one change): when the
+/// nodes fall behind, changes sent in the window are applied after it, and
+/// dividing the window's commands by the changes acknowledged would
+/// undercount. `commands` is the window's total, heartbeats' share taken out.
+fn redis_detail(
+    f: &mut BTreeMap<String, f64>,
+    start: &RedisSample,
+    end: &RedisSample,
+    commands: f64,
+) {
+    let calls = |command: &str| {
+        let at = |s: &RedisSample| s.calls.get(command).copied().unwrap_or(0);
+        at(end).saturating_sub(at(start)) as f64
+    };
+    let changes = end.log_entries.saturating_sub(start.log_entries) as f64;
+    if let Some(v) = ratio(commands, changes) {
+        f.insert("redis_commands_per_logged_change".into(), v);
+    }
+    for command in ROUND_TRIP_COMMANDS {
+        if let Some(v) = ratio(calls(command), changes) {
+            f.insert(format!("redis_{command}_per_change"), v);
+        }
+    }
+    // Only the compare-and-set script appends (XADD), and each append comes
+    // with the script's own HMGET and SPUBLISH: those are inner calls, not
+    // round trips. A script run that logs nothing would still count its
+    // inner HMGET as a round trip here, so this errs high.
+    let xadd = calls("xadd");
+    let round_trips = calls("evalsha")
+        + (calls("hmget") - xadd).max(0.0)
+        + (calls("spublish") - xadd).max(0.0)
+        + calls("xreadgroup")
+        + calls("xack")
+        + calls("xautoclaim")
+        + calls("ping");
+    if let Some(v) = ratio(round_trips, changes) {
+        f.insert("redis_round_trips_per_change".into(), v);
+    }
+    f.insert("log_entries_logged".into(), changes);
+    f.insert("log_entries_end".into(), end.log_entries as f64);
+    if let Some(v) = ratio(end.log_bytes as f64, end.log_entries as f64) {
+        f.insert("log_bytes_per_entry".into(), v);
+    }
+    if let Some(v) = ratio(end.used_memory as f64 - start.used_memory as f64, changes) {
+        f.insert("redis_used_memory_per_logged_change".into(), v);
+    }
+}
+
 /// The rows of the tables, in order: figure key, then its description.
 /// Percentile groups are expanded from their prefix.
 fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
@@ -375,6 +492,11 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
         ("beat_rtt".into(), "heartbeat round trip".into()),
         ("c2w".into(), "change-to-watcher".into()),
         ("set_status".into(), "SetStatus".into()),
+        ("feed".into(), "change-to-consumer (from due)".into()),
+        (
+            "feed_ok".into(),
+            "change-to-consumer (from SetStatus reply)".into(),
+        ),
         ("snapshot".into(), "watch snapshot".into()),
     ];
     let mut gets: Vec<(usize, String)> = keys
@@ -416,6 +538,22 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
         "c2w_delivered_ratio".into(),
         "deliveries / expected (1 = none coalesced)".into(),
     );
+    for (key, what) in [
+        ("consumers", "feed consumers (group complete)"),
+        ("feed_events_per_s", "feed events consumed/s"),
+        ("feed_events_per_batch", "feed events per batch"),
+        ("feed_matched", "feed: changes consumed"),
+        (
+            "feed_duplicates",
+            "feed: duplicates (same user and version)",
+        ),
+        ("feed_missing", "feed: acknowledged changes never consumed"),
+        ("feed_mismatched", "feed: consumed with another version"),
+        ("feed_early", "feed: consumed before the SetStatus reply"),
+        ("feed_other", "feed: other events"),
+    ] {
+        push(key.into(), what.into());
+    }
     for (_, batch) in &gets {
         push(
             format!("get_b{batch}_per_s"),
@@ -461,6 +599,41 @@ fn rows(keys: &BTreeMap<String, f64>) -> Vec<(String, String)> {
         ("redis_commands_per_beat", "Redis commands per heartbeat"),
         ("redis_commands_per_change", "Redis commands per change"),
         ("redis_commands_per_s_load", "Redis commands/s, load window"),
+        (
+            "redis_commands_per_logged_change",
+            "Redis commands per change logged in the window",
+        ),
+        (
+            "redis_round_trips_per_change",
+            "Redis round trips per logged change (top-level calls)",
+        ),
+        ("redis_evalsha_per_change", "  EVALSHA per change"),
+        (
+            "redis_hmget_per_change",
+            "  HMGET per change (incl. in scripts)",
+        ),
+        (
+            "redis_spublish_per_change",
+            "  SPUBLISH per change (incl. in scripts)",
+        ),
+        ("redis_xadd_per_change", "  XADD per change (in scripts)"),
+        ("redis_xreadgroup_per_change", "  XREADGROUP per change"),
+        ("redis_xack_per_change", "  XACK per change"),
+        ("redis_xautoclaim_per_change", "  XAUTOCLAIM per change"),
+        ("redis_ping_per_change", "  PING per change"),
+        (
+            "log_entries_logged",
+            "change log entries added, load window",
+        ),
+        ("log_entries_end", "change log entries at the end"),
+        (
+            "log_bytes_per_entry",
+            "change log bytes per entry (MEMORY USAGE)",
+        ),
+        (
+            "redis_used_memory_per_logged_change",
+            "Redis used_memory growth per logged change, bytes",
+        ),
         ("loadgen_cpu_cores", "generator CPU, cores"),
         ("loadgen_rss_mb", "generator RSS, MiB"),
         ("errors", "errors"),

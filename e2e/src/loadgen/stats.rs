@@ -122,6 +122,17 @@ pub struct Counters {
     pub inflight: AtomicU64,
     /// Largest lag of a pacer behind its schedule, in microseconds.
     pub max_lag_us: AtomicU64,
+    /// Feed consumers that saw the whole group, or failed to join it.
+    pub consumers_ready: AtomicU64,
+    pub consumers_failed: AtomicU64,
+    pub feed_batches: AtomicU64,
+    /// Events consumed: all, first deliveries of our changes, repeated
+    /// deliveries of them (same user and version), and others (sessions
+    /// opening or ending).
+    pub feed_events: AtomicU64,
+    pub feed_matched: AtomicU64,
+    pub feed_duplicates: AtomicU64,
+    pub feed_other: AtomicU64,
 }
 
 impl Counters {
@@ -164,6 +175,10 @@ pub struct Histos {
     pub snapshot: Histo,
     pub change_to_watcher: Histo,
     pub set_status: Histo,
+    /// Change to feed consumer, from when the change was due, and from its
+    /// SetStatus reply.
+    pub feed: Histo,
+    pub feed_after_ok: Histo,
     /// One per --get-batch size, in that order.
     pub get: Vec<(usize, Histo)>,
 }
@@ -177,6 +192,8 @@ impl Histos {
             snapshot: Histo::new(),
             change_to_watcher: Histo::new(),
             set_status: Histo::new(),
+            feed: Histo::new(),
+            feed_after_ok: Histo::new(),
             get: batches.iter().map(|b| (*b, Histo::new())).collect(),
         }
     }
@@ -189,6 +206,8 @@ impl Histos {
         all.insert("snapshot".into(), encode(&self.snapshot.snapshot()));
         all.insert("c2w".into(), encode(&self.change_to_watcher.snapshot()));
         all.insert("set_status".into(), encode(&self.set_status.snapshot()));
+        all.insert("feed".into(), encode(&self.feed.snapshot()));
+        all.insert("feed_ok".into(), encode(&self.feed_after_ok.snapshot()));
         for (batch, histo) in &self.get {
             all.insert(format!("get_b{batch}"), encode(&histo.snapshot()));
         }

@@ -17,6 +17,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 use super::config::RunConfig;
+use super::feed::{self, Ledger};
 use super::net::{SmallCodec, connect};
 use super::stats::{Clock, Counters, Errors, Histos};
 
@@ -42,6 +43,9 @@ pub struct Shared {
     /// Indexed by sequence number; the custom message of the change carries
     /// it, so a watcher in this process reads the latency off one clock.
     change_sent: Vec<AtomicU64>,
+    /// What became of each change, for the feed's consumers (empty
+    /// without --consumers).
+    pub feed: Ledger,
     /// How many watchers watch each watched user.
     watchers_of: Vec<u32>,
     /// Raised to end every stream: request streams finish, watchers hang up.
@@ -90,6 +94,7 @@ impl Shared {
         // that catches up.
         let changes = (cfg.change_rate * (cfg.duration.as_secs_f64() + 1.0)).ceil() as usize + 2;
         let change_sent = (0..changes).map(|_| AtomicU64::new(0)).collect();
+        let feed = Ledger::new(if cfg.consumers > 0 { changes } else { 0 });
         let histos = Histos::new(&cfg.get_batch);
         Ok(Shared {
             cfg,
@@ -101,6 +106,7 @@ impl Shared {
             watcher_tokens,
             admin_token,
             change_sent,
+            feed,
             watchers_of,
             stop: watch::channel(false).0,
             stopping: AtomicBool::new(false),
@@ -129,6 +135,21 @@ impl Shared {
         self.stop.send_replace(true);
     }
 
+    pub fn admin_token(&self) -> AsciiMetadataValue {
+        self.admin_token.clone()
+    }
+
+    pub fn subscribe_stop(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// When change `seq` was due (clock µs; 0: never sent).
+    pub fn change_due_us(&self, seq: usize) -> u64 {
+        self.change_sent
+            .get(seq)
+            .map_or(0, |at| at.load(Ordering::Relaxed))
+    }
+
     fn since_us(&self, start_us: u64) -> u64 {
         self.clock.now_us().saturating_sub(start_us)
     }
@@ -140,7 +161,7 @@ impl Shared {
     }
 
     /// Counts a stream that ended before the generator closed it.
-    fn stream_ended(&self, place: &str, result: Result<(), tonic::Status>) {
+    pub fn stream_ended(&self, place: &str, result: Result<(), tonic::Status>) {
         if self.stopping() {
             return;
         }
@@ -168,7 +189,7 @@ pub fn contacts_of(w: usize, contacts: usize, watched: usize) -> impl Iterator<I
 }
 
 /// Resolves once `stop` is raised.
-async fn stopped(mut stop: watch::Receiver<bool>) {
+pub async fn stopped(mut stop: watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: drop it here.
     let _ = stop.wait_for(|raised| *raised).await;
 }
@@ -324,6 +345,48 @@ pub async fn open_watchers(
     })
     .await;
     tasks
+}
+
+/// Starts the feed's consumers, each on a connection of its own to the
+/// nodes in turn, and waits until each saw the whole group.
+pub async fn open_consumers(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    let cfg = &shared.cfg;
+    let mut tasks = Vec::with_capacity(cfg.consumers);
+    for c in 0..cfg.consumers {
+        let target = cfg.target[c % cfg.target.len()];
+        match connect(
+            target,
+            cfg.source_ip.first().copied(),
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok(channel) => tasks.push(tokio::spawn(feed::consumer(shared.clone(), c, channel))),
+            Err(error) => {
+                shared.errors.count(format!("Consume connect: {error}"));
+                Counters::add(&shared.counters.consumers_failed, 1);
+            }
+        }
+    }
+    let counters = &shared.counters;
+    wait_until(cfg.ramp_timeout, || {
+        Counters::get(&counters.consumers_ready) + Counters::get(&counters.consumers_failed)
+            >= cfg.consumers as u64
+    })
+    .await;
+    tasks
+}
+
+/// After the load: waits until every change SetStatus acknowledged reached a
+/// consumer, or `limit` passed.
+pub async fn drain_feed(shared: &Shared, limit: Duration) {
+    if shared.cfg.consumers == 0 {
+        return;
+    }
+    let deadline = Instant::now() + limit;
+    while shared.feed.unconsumed() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
@@ -591,8 +654,14 @@ pub async fn churn(shared: Arc<Shared>, channels: Arc<Vec<Option<Channel>>>, win
                 .set_status(request)
                 .await
             {
-                Ok(_) => {
-                    shared.histos.set_status.record_us(shared.since_us(due_us));
+                Ok(response) => {
+                    let now = shared.clock.now_us();
+                    shared
+                        .histos
+                        .set_status
+                        .record_us(now.saturating_sub(due_us));
+                    let version = response.into_inner().presence.map_or(0, |p| p.version);
+                    shared.feed.done(seq, now, version);
                     Counters::add(&shared.counters.changes_ok, 1);
                 }
                 Err(status) => shared.errors.status("SetStatus", &status),
@@ -667,6 +736,7 @@ pub async fn progress(shared: Arc<Shared>) {
         Counters::get(&c.changes_ok),
         Counters::get(&c.events_matched),
         Counters::get(&c.gets_ok),
+        Counters::get(&c.feed_events),
     );
     let stop = stopped(shared.stop.subscribe());
     tokio::pin!(stop);
@@ -681,13 +751,14 @@ pub async fn progress(shared: Arc<Shared>) {
             Counters::get(&c.changes_ok),
             Counters::get(&c.events_matched),
             Counters::get(&c.gets_ok),
+            Counters::get(&c.feed_events),
         );
         let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-3);
         let rate = |a: u64, b: u64| (a - b) as f64 / secs;
         let p99 = |h: &super::stats::Histo| h.quantile_ms(0.99);
         let opened = Counters::get(&c.sessions_opened);
         eprintln!(
-            "[{:>7.1}s] {:<9} conns {} sessions {}/{} (alive {}) watchers {} | beats/s {:.0} changes/s {:.0} events/s {:.0} gets/s {:.0} | p99 beat {:.1}ms c2w {:.1}ms get {} | errors {} resets {} dropped {}",
+            "[{:>7.1}s] {:<9} conns {} sessions {}/{} (alive {}) watchers {} | beats/s {:.0} changes/s {:.0} events/s {:.0} gets/s {:.0} feed/s {:.0} | p99 beat {:.1}ms c2w {:.1}ms get {} | errors {} resets {} dropped {}",
             started.elapsed().as_secs_f64(),
             *shared.phase.lock(),
             Counters::get(&c.connections),
@@ -699,6 +770,7 @@ pub async fn progress(shared: Arc<Shared>) {
             rate(now.2, last.2),
             rate(now.3, last.3),
             rate(now.4, last.4),
+            rate(now.5, last.5),
             p99(&shared.histos.beat_rtt),
             p99(&shared.histos.change_to_watcher),
             shared
