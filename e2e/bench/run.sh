@@ -294,11 +294,8 @@ profile_churn_redis() { RUNS=$RUNS multi churn-redis 2 1 "${CHURN[@]}" --threads
 # churn-redis's business) while 4 consumers of one group, 2 on each node,
 # acknowledge every batch; after the load every acknowledged change must have
 # been consumed. 30 s at 10k/s logs ~300k changes, enough to weigh the log.
-# The nodes hold Consume's request stream to --request-body-timeout like a
-# unary call's body (only Heartbeat is exempt), which ends every consumer
-# after 10 s: a longer one keeps them for the run.
 profile_feed() {
-  local rate SERVER_FLAGS="$SERVER_FLAGS --request-body-timeout 1h"
+  local rate
   for rate in ${FEED_RATES:-1000 10000}; do
     multi "feed-$(if ((rate % 1000)); then echo "$rate"; else echo "$((rate / 1000))k"; fi)" 2 1 --sessions 5000 --connections 100 --watched 5000 \
       --change-rate "$rate" --consumers 4 --settle 2s --beats-only 3s --duration 30s --threads 0

@@ -463,6 +463,10 @@ impl Drop for RestartNode {
     }
 }
 
+/// How long before a master's kill a change it acknowledged may still be
+/// missing from the replica that takes over (replication is asynchronous).
+const REPLICATION_WINDOW: Duration = Duration::from_secs(1);
+
 /// A unique consumer group name.
 fn unique_group(name: &str) -> String {
     format!("{name}-{:08x}", rand::random::<u32>())
@@ -538,8 +542,8 @@ async fn consume_all(node: &ServerNode, group: &str) -> Arc<parking_lot::Mutex<C
 /// What one writer's acknowledged and failed status changes were.
 #[derive(Debug, Default)]
 struct Written {
-    /// Every acknowledged change (its message), in order.
-    acked: Vec<String>,
+    /// Every acknowledged change (its message) and when it was, in order.
+    acked: Vec<(String, Instant)>,
     /// The last acknowledged change (its message).
     last_acked: Option<String>,
     /// Changes after the last acknowledged one that failed: they may or may
@@ -626,7 +630,7 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
                     let message = format!("{writer} change {i}");
                     match client.set_status(UserStatus::Busy, &message).await {
                         Ok(_) => {
-                            written.acked.push(message.clone());
+                            written.acked.push((message.clone(), Instant::now()));
                             written.last_acked = Some(message);
                             written.unsure.clear();
                             written.acks += 1;
@@ -773,28 +777,53 @@ async fn a_failed_over_redis_master_leaves_the_service_answering() {
     .await;
     println!("node 2 showed the last changes after {took:?}");
 
-    // The change log: every acknowledged change reached the consumer group,
-    // and a change that came twice came with the same version.
+    // The change log: every change acknowledged well before the kill, and
+    // every one after the failover, reached the consumer group; a change
+    // that came twice came with the same version. Replication is
+    // asynchronous: a change the old master acknowledged in its last moments
+    // may not have reached the replica that took over, and then neither its
+    // record nor its log entry survived. Those are counted, not asserted.
+    let replicated_by = killed - REPLICATION_WINDOW;
+    let in_feed = |message: &str| {
+        consumed
+            .lock()
+            .changes
+            .values()
+            .any(|consumed| consumed == message)
+    };
     let (_, took) = eventually(
         PROJECTED_WITHIN,
         "every acknowledged change in the change feed",
         || async {
-            let consumed = consumed.lock();
-            let missing: Vec<&String> = written
+            let mut missing: Vec<String> = written
                 .iter()
                 .flat_map(|w| &w.acked)
-                .filter(|message| !consumed.changes.values().any(|m| m == *message))
+                .filter(|(message, at)| *at < replicated_by && !in_feed(message))
+                .map(|(message, _)| message.clone())
                 .collect();
-            match missing.as_slice() {
-                [] => Ok(()),
-                missing => Err(format!("{} missing, e.g. {:?}", missing.len(), missing[0])),
+            missing.extend(
+                writers
+                    .iter()
+                    .map(|writer| format!("{writer} after the failover"))
+                    .filter(|message| !in_feed(message)),
+            );
+            match missing.first() {
+                None => Ok(()),
+                Some(first) => Err(format!("{} missing, e.g. {first:?}", missing.len())),
             }
         },
     )
     .await;
+    let last_moments: Vec<&String> = written
+        .iter()
+        .flat_map(|w| &w.acked)
+        .filter(|(_, at)| *at >= replicated_by)
+        .map(|(message, _)| message)
+        .collect();
+    let lost = last_moments.iter().filter(|m| !in_feed(m)).count();
     println!(
-        "the change feed held all {} acknowledged changes {took:?} after node 2 showed the last",
-        written.iter().map(|w| w.acked.len()).sum::<usize>()
+        "the change feed held every change acknowledged up to {REPLICATION_WINDOW:?} before the kill and after the failover ({took:?}); of the {} acknowledged in that last second, {lost} were lost with the old master",
+        last_moments.len()
     );
     assert_eq!(consumed.lock().conflicts, Vec::<String>::new());
 

@@ -68,6 +68,9 @@ pub struct MemberOptions {
     pub max_batch: usize,
     /// Changes pending this long are taken from whoever read them.
     pub ack_timeout: Duration,
+    /// How long a reader waits after a batch that was not full before it
+    /// reads again: fewer, larger batches for a little more lag.
+    pub linger: Duration,
 }
 
 /// What a member receives.
@@ -303,6 +306,10 @@ impl Feed {
                 Ok(changes) => changes,
                 Err(error) => {
                     tracing::warn!(%error, group, partition, "reading the change log failed");
+                    // A read that timed out may still have run: what it
+                    // read is pending for this member, and must come before
+                    // anything newer.
+                    draining = true;
                     tokio::time::sleep(RETRY_AFTER).await;
                     continue;
                 }
@@ -310,6 +317,7 @@ impl Feed {
             if changes.is_empty() {
                 continue;
             }
+            let full = changes.len() >= options.max_batch;
             let id = self.batch_ids.fetch_add(1, Ordering::Relaxed);
             let (done, acked) = oneshot::channel();
             let offsets = changes.iter().map(|c| c.offset).collect();
@@ -324,6 +332,9 @@ impl Feed {
             }
             if acked.await.is_err() {
                 return;
+            }
+            if !full {
+                tokio::time::sleep(options.linger).await;
             }
         }
     }
@@ -361,6 +372,10 @@ pub async fn run_projection(
         // Only a member that died with a batch in hand leaves one pending;
         // the partition's next owner writes it again after this.
         ack_timeout: Duration::from_secs(10),
+        // A read and an acknowledgement per batch, and a history write per
+        // user in it: at 1k changes/s over 16 partitions, 250 ms gather ~16
+        // changes per batch instead of one.
+        linger: Duration::from_millis(250),
     };
     let mut member = loop {
         match feed.join(options.clone()).await {
