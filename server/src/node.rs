@@ -27,6 +27,12 @@ use crate::store::{
     choice_stamp,
 };
 
+/// The longest GetHistory waits for the history projection to write the
+/// user's latest change (normally well under its 250 ms batching).
+const HISTORY_CATCH_UP: Duration = Duration::from_secs(2);
+
+/// How often that wait looks again.
+const HISTORY_POLL: Duration = Duration::from_millis(25);
 /// The backends a node runs on.
 pub struct Backends {
     pub hot: Arc<dyn HotStore>,
@@ -1003,6 +1009,35 @@ impl Node {
     }
 
     /// The history of `user_id` as `caller` may see it.
+    /// Waits, at most [`HISTORY_CATCH_UP`], until the history holds the
+    /// user's current version: the history is written from the change log
+    /// a moment after each change (the projection batches), and a user who
+    /// just changed their status and reads their history must find it
+    /// there. Without the hot store, or when the wait runs out, the history
+    /// is read as it is.
+    async fn history_caught_up(&self, user_id: &str) {
+        let user = [user_id.to_owned()];
+        let records = self.backends.hot.get(&user).await;
+        let Ok([Some(record)]) = records.as_deref() else {
+            return;
+        };
+        // Versions are the clock in microseconds: only a recent change can
+        // still be on its way (an old one may be past the retention).
+        let current = record.shown.version;
+        let changed_ms_ago = now_ms().saturating_sub(i64::try_from(current / 1000).unwrap_or(0));
+        if changed_ms_ago > i64::try_from(HISTORY_CATCH_UP.as_millis() * 30).unwrap_or(0) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + HISTORY_CATCH_UP;
+        while tokio::time::Instant::now() < deadline {
+            match self.backends.history.last(&user).await.as_deref() {
+                Ok([last]) if last.as_ref().is_some_and(|l| l.version >= current) => return,
+                Ok(_) => tokio::time::sleep(HISTORY_POLL).await,
+                Err(_) => return,
+            }
+        }
+    }
+
     pub async fn history(
         &self,
         caller: &Caller,
@@ -1018,6 +1053,7 @@ impl Node {
                 "only the user, their contacts and admins may read this history".into(),
             ));
         }
+        self.history_caught_up(user_id).await;
         let retention_start =
             now_ms() - i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX);
         let records = self

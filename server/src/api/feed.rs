@@ -10,9 +10,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::error::ApiError;
 use super::{Api, ResponseStream, convert};
+use crate::auth::Caller;
 use crate::domain::{View, Viewer};
 use crate::feed::{Delivery, Feed, MemberOptions};
-use crate::quota::StreamKind;
+use crate::quota::{StreamKind, StreamSlot};
 use crate::store::{GroupStart, LoggedChange, Offset};
 
 const DEFAULT_BATCH: usize = 100;
@@ -36,6 +37,18 @@ pub struct FeedApi {
 impl FeedApi {
     pub fn new(api: Api, feed: Arc<Feed>) -> Self {
         FeedApi { api, feed }
+    }
+
+    /// The caller of a feed stream, who must be an internal service, and
+    /// the stream's place within the caller's bound.
+    fn admit<T>(&self, request: &Request<T>) -> Result<(Caller, StreamSlot), ApiError> {
+        let caller = self.api.caller(request)?;
+        self.api.check_admin(&caller)?;
+        let slot = self
+            .api
+            .node
+            .admit_stream(&caller.user_id, StreamKind::Feed)?;
+        Ok((caller, slot))
     }
 }
 
@@ -163,12 +176,7 @@ impl ChangeFeed for FeedApi {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        let caller = self.api.caller(&request)?;
-        self.api.check_admin(&caller)?;
-        let slot = self
-            .api
-            .node
-            .admit_stream(&caller.user_id, StreamKind::Feed)?;
+        let (caller, slot) = self.admit(&request)?;
         let mut requests = request.into_inner();
         // The stream's body has no deadline (acks come for as long as it
         // lives), so its first message gets the one a request body has.
@@ -226,12 +234,7 @@ impl ChangeFeed for FeedApi {
         &self,
         request: Request<pb::TailRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
-        let caller = self.api.caller(&request)?;
-        self.api.check_admin(&caller)?;
-        let slot = self
-            .api
-            .node
-            .admit_stream(&caller.user_id, StreamKind::Feed)?;
+        let (caller, slot) = self.admit(&request)?;
         let from_ms = match request.into_inner().from_unix_ms {
             0 => crate::node::now_ms(),
             ms if ms > 0 => ms,

@@ -17,8 +17,8 @@
 //! watched user because presence changes are
 //! small and frequent while watchers come and go: per-user channels would turn
 //! every watch, unwatch and contact change into subscription traffic, and a
-//! failover into re-subscribing tens of thousands of channels; with buckets
-//! the subscription set is fixed and tiny, and each node drops events for
+//! failover into re-subscribing tens of thousands of channels; with
+//! partitions the subscription set is fixed and tiny, and each node drops events for
 //! users nobody on it watches after reading a short header, before decoding.
 //! The cost is that every node receives every change; at our scale (a handful
 //! of nodes, changes of a few hundred bytes) that is cheap, and the numbers
@@ -105,7 +105,7 @@ struct Subscription {
     /// Tells this node's probes from other nodes'.
     instance_id: String,
     channels: Vec<String>,
-    bucket_of: HashMap<Vec<u8>, usize>,
+    partition_of: HashMap<Vec<u8>, usize>,
     /// std-style Mutex: the push handler and the keeper hold it for a few
     /// assignments.
     state: Mutex<ProbeState>,
@@ -124,9 +124,9 @@ struct Subscription {
 }
 
 struct ProbeState {
-    /// Per bucket, the last probe round that came back.
+    /// Per partition, the last probe round that came back.
     seen: Vec<u64>,
-    /// Per bucket, whether its last probe came back and nothing was lost
+    /// Per partition, whether its last probe came back and nothing was lost
     /// since.
     verified: Vec<bool>,
     /// A channel was lost since every channel was last verified.
@@ -151,10 +151,10 @@ impl RedisFanOut {
         let subscription = Arc::new(Subscription {
             hub,
             instance_id: format!("{:016x}", rand::random::<u64>()),
-            bucket_of: channels
+            partition_of: channels
                 .iter()
                 .enumerate()
-                .map(|(bucket, channel)| (channel.as_bytes().to_vec(), bucket))
+                .map(|(partition, channel)| (channel.as_bytes().to_vec(), partition))
                 .collect(),
             state: Mutex::new(ProbeState {
                 seen: vec![0; channels.len()],
@@ -316,7 +316,7 @@ impl Subscription {
                 if let [Value::BulkString(channel), Value::BulkString(message)] =
                     push.data.as_slice()
                 {
-                    if let Some(partition) = self.bucket_of.get(channel) {
+                    if let Some(partition) = self.partition_of.get(channel) {
                         self.wakeups[*partition].notify_waiters();
                     }
                     self.on_message(message);
@@ -325,9 +325,9 @@ impl Subscription {
             PushKind::SUnsubscribe => {
                 // Redis moved the channel's slot to another master.
                 if let Some(Value::BulkString(channel)) = push.data.first()
-                    && let Some(bucket) = self.bucket_of.get(channel)
+                    && let Some(partition) = self.partition_of.get(channel)
                 {
-                    self.lose(Some(*bucket));
+                    self.lose(Some(*partition));
                 }
             }
             // Which master went away is not said; a replica's going costs a
@@ -344,11 +344,12 @@ impl Subscription {
         };
         if kind == PROBE {
             if id == self.instance_id
-                && let Some((round, bucket)) = body.split_first_chunk::<8>()
-                && let Some((bucket, _)) = bucket.split_first_chunk::<2>()
+                && let Some((round, partition)) = body.split_first_chunk::<8>()
+                && let Some((partition, _)) = partition.split_first_chunk::<2>()
             {
-                let (round, bucket) = (u64::from_be_bytes(*round), u16::from_be_bytes(*bucket));
-                if let Some(seen) = self.state.lock().seen.get_mut(usize::from(bucket)) {
+                let (round, partition) =
+                    (u64::from_be_bytes(*round), u16::from_be_bytes(*partition));
+                if let Some(seen) = self.state.lock().seen.get_mut(usize::from(partition)) {
                     *seen = (*seen).max(round);
                 }
                 self.echo.notify_one();
@@ -376,10 +377,10 @@ impl Subscription {
 
     /// Marks one channel (or, not knowing which master went away, all) as
     /// lost, and wakes the keeper.
-    fn lose(&self, bucket: Option<usize>) {
+    fn lose(&self, partition: Option<usize>) {
         let mut state = self.state.lock();
-        match bucket {
-            Some(bucket) => state.verified[bucket] = false,
+        match partition {
+            Some(partition) => state.verified[partition] = false,
             None => state.verified.iter_mut().for_each(|v| *v = false),
         }
         state.gap_open = true;
@@ -402,9 +403,9 @@ impl Subscription {
                 .collect()
         };
         let failures = futures::stream::iter(unverified)
-            .map(|bucket| {
+            .map(|partition| {
                 let mut conn = conn.clone();
-                let channel = &self.channels[bucket];
+                let channel = &self.channels[partition];
                 async move {
                     match tokio::time::timeout(CALL_TIMEOUT, conn.ssubscribe(channel)).await {
                         Ok(Ok(())) => None,
@@ -431,14 +432,14 @@ impl Subscription {
     /// for them to come back; a channel whose probe did not is unverified.
     async fn probe(&self, conn: &ClusterConnection, round: u64) {
         let losses = self.state.lock().losses;
-        let buckets = 0..self.channels.len();
-        futures::stream::iter(buckets.clone())
-            .map(|bucket| {
+        let partitions = 0..self.channels.len();
+        futures::stream::iter(partitions.clone())
+            .map(|partition| {
                 let mut conn = conn.clone();
                 let mut body = round.to_be_bytes().to_vec();
-                body.extend_from_slice(&u16::try_from(bucket).unwrap_or(u16::MAX).to_be_bytes());
+                body.extend_from_slice(&u16::try_from(partition).unwrap_or(u16::MAX).to_be_bytes());
                 let message = frame(PROBE, &self.instance_id, &body);
-                let channel = &self.channels[bucket];
+                let channel = &self.channels[partition];
                 async move {
                     let mut publish = redis::cmd("SPUBLISH");
                     publish.arg(channel).arg(message);
@@ -461,12 +462,12 @@ impl Subscription {
         // A loss reported meanwhile may postdate a probe that came back.
         let trust_echoes = state.losses == losses;
         let mut lost = 0;
-        for bucket in buckets {
-            let back = state.seen[bucket] >= round;
-            if !back && state.verified[bucket] {
+        for partition in partitions {
+            let back = state.seen[partition] >= round;
+            if !back && state.verified[partition] {
                 lost += 1;
             }
-            state.verified[bucket] = back && (trust_echoes || state.verified[bucket]);
+            state.verified[partition] = back && (trust_echoes || state.verified[partition]);
         }
         if lost > 0 {
             state.gap_open = true;
