@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tonic::codec::Streaming;
 
 use crate::connector::{Connector, Lease};
+use crate::reconnect::Reconnects;
 use crate::{Backoff, Error};
 
 /// Where a group that does not exist yet starts reading. A group that exists
@@ -140,16 +141,11 @@ pub enum FeedUpdate {
 /// group at once: its partitions go to the other members.
 pub struct Consumer {
     connector: Arc<Connector>,
-    backoff: Backoff,
     options: ConsumeOptions,
     open: Option<Open>,
     /// Streams opened so far; the current one's number tags its batches.
     streams: u64,
-    /// Failed attempts since the stream last delivered; drives the backoff.
-    failures: u32,
-    /// A fresh token was fetched and no stream has worked with it yet.
-    refreshed: bool,
-    finished: bool,
+    reconnects: Reconnects,
 }
 
 /// An open Consume stream.
@@ -183,13 +179,10 @@ impl Consumer {
     ) -> Result<Self, Error> {
         let mut consumer = Self {
             connector,
-            backoff,
             options,
             open: None,
             streams: 0,
-            failures: 0,
-            refreshed: false,
-            finished: false,
+            reconnects: Reconnects::new(backoff),
         };
         consumer.open().await.map_err(|(error, _)| error)?;
         Ok(consumer)
@@ -221,13 +214,11 @@ impl Consumer {
     /// after an `Err` ended the consumer.
     pub async fn next(&mut self) -> Option<Result<FeedUpdate, Error>> {
         loop {
-            if self.finished {
+            if self.reconnects.finished() {
                 return None;
             }
             let Some(open) = &mut self.open else {
-                if self.failures > 0 {
-                    tokio::time::sleep(self.backoff.delay(self.failures)).await;
-                }
+                self.reconnects.pause().await;
                 if let Err((error, generation)) = self.open().await {
                     return Some(self.failed(error, generation).await);
                 }
@@ -246,10 +237,7 @@ impl Consumer {
                 }
                 Err(status) => return Some(self.failed(status.into(), generation).await),
             };
-            // The server is serving us again: the next failure starts the
-            // backoff from its first step.
-            self.failures = 0;
-            self.refreshed = false;
+            self.reconnects.served();
             return Some(Ok(match response {
                 consume_response::Response::Assignment(assignment) => {
                     FeedUpdate::Assigned(assignment)
@@ -285,31 +273,12 @@ impl Consumer {
     /// The item to yield for a failed attempt or a broken stream.
     async fn failed(&mut self, error: Error, generation: u64) -> Result<FeedUpdate, Error> {
         self.open = None;
-        if matches!(error, Error::Unauthenticated(_)) && !self.refreshed {
-            match self.connector.refresh_token().await {
-                Ok(true) => {
-                    self.refreshed = true;
-                    tracing::info!("token refused, reconnecting the consumer with a fresh one");
-                    return Ok(FeedUpdate::Reconnecting {
-                        attempt: self.failures.max(1),
-                        reason: error.to_string(),
-                    });
-                }
-                Ok(false) => {}
-                Err(refresh) => tracing::warn!(error = %refresh, "fetching a fresh token failed"),
-            }
-        }
-        if !error.is_retryable() {
-            self.finished = true;
-            return Err(error);
-        }
-        self.failures = self.failures.saturating_add(1);
-        self.connector.rotate(generation);
-        tracing::info!(%error, attempt = self.failures, group = self.options.group, "consume stream lost, reconnecting");
-        Ok(FeedUpdate::Reconnecting {
-            attempt: self.failures,
-            reason: error.to_string(),
-        })
+        let stream = format!("consumer of group {}", self.options.group);
+        let (attempt, reason) = self
+            .reconnects
+            .after(&self.connector, error, generation, &stream)
+            .await?;
+        Ok(FeedUpdate::Reconnecting { attempt, reason })
     }
 }
 

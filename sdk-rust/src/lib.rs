@@ -108,6 +108,7 @@ mod config;
 mod connector;
 mod error;
 mod feed;
+mod reconnect;
 mod session;
 mod watch;
 

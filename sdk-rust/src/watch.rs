@@ -17,6 +17,7 @@ use presence_proto::v1::{Presence, PresenceEvent, WatchContactsRequest, presence
 use tonic::codec::Streaming;
 
 use crate::connector::Connector;
+use crate::reconnect::Reconnects;
 use crate::{Backoff, Error};
 
 /// One thing a watch reports. Fold them into a [`PresenceMap`], or match on
@@ -162,29 +163,21 @@ impl Stream for PresenceStream {
 /// The state the stream carries from one item to the next.
 struct WatchLoop {
     connector: Arc<Connector>,
-    backoff: Backoff,
     user_ids: Vec<String>,
     delivered: Delivered,
     /// The open server stream and the channel generation it runs on.
     inbound: Option<(Streaming<PresenceEvent>, u64)>,
-    /// Failed attempts since the stream last worked; drives the backoff.
-    failures: u32,
-    /// A fresh token was fetched and no stream has worked with it yet.
-    refreshed: bool,
-    finished: bool,
+    reconnects: Reconnects,
 }
 
 impl PresenceStream {
     pub(crate) fn new(connector: Arc<Connector>, backoff: Backoff, user_ids: Vec<String>) -> Self {
         let state = WatchLoop {
             connector,
-            backoff,
             user_ids,
             delivered: Delivered::default(),
             inbound: None,
-            failures: 0,
-            refreshed: false,
-            finished: false,
+            reconnects: Reconnects::new(backoff),
         };
         let inner = futures::stream::unfold(state, |mut state| async move {
             let item = state.next().await?;
@@ -199,13 +192,11 @@ impl PresenceStream {
 impl WatchLoop {
     async fn next(&mut self) -> Option<Result<PresenceUpdate, Error>> {
         loop {
-            if self.finished {
+            if self.reconnects.finished() {
                 return None;
             }
             let Some((inbound, generation)) = &mut self.inbound else {
-                if self.failures > 0 {
-                    tokio::time::sleep(self.backoff.delay(self.failures)).await;
-                }
+                self.reconnects.pause().await;
                 let lease = self.connector.lease();
                 let request = WatchContactsRequest {
                     user_ids: self.user_ids.clone(),
@@ -235,10 +226,7 @@ impl WatchLoop {
                         update,
                         PresenceUpdate::SnapshotComplete { .. } | PresenceUpdate::Resumed { .. }
                     ) {
-                        // The server is serving us again: the next failure
-                        // starts the backoff from its first step.
-                        self.failures = 0;
-                        self.refreshed = false;
+                        self.reconnects.served();
                     }
                     return Some(Ok(update));
                 }
@@ -251,36 +239,15 @@ impl WatchLoop {
         }
     }
 
-    /// The item to yield for a failed attempt or a broken stream.
+    /// The item to yield for a failed attempt or a broken stream; a fresh
+    /// token brings the watch back at once, resuming from the versions held.
     async fn failed(&mut self, error: Error, generation: u64) -> Result<PresenceUpdate, Error> {
         self.inbound = None;
-        if matches!(error, Error::Unauthenticated(_)) && !self.refreshed {
-            match self.connector.refresh_token().await {
-                // Back at once with the fresh token, resuming from the
-                // versions held.
-                Ok(true) => {
-                    self.refreshed = true;
-                    tracing::info!("token refused, reconnecting the watch with a fresh one");
-                    return Ok(PresenceUpdate::Reconnecting {
-                        attempt: self.failures.max(1),
-                        reason: error.to_string(),
-                    });
-                }
-                Ok(false) => {}
-                Err(refresh) => tracing::warn!(error = %refresh, "fetching a fresh token failed"),
-            }
-        }
-        if !error.is_retryable() {
-            self.finished = true;
-            return Err(error);
-        }
-        self.failures = self.failures.saturating_add(1);
-        self.connector.rotate(generation);
-        tracing::info!(%error, attempt = self.failures, "presence watch lost, reconnecting");
-        Ok(PresenceUpdate::Reconnecting {
-            attempt: self.failures,
-            reason: error.to_string(),
-        })
+        let (attempt, reason) = self
+            .reconnects
+            .after(&self.connector, error, generation, "presence watch")
+            .await?;
+        Ok(PresenceUpdate::Reconnecting { attempt, reason })
     }
 }
 

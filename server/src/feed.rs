@@ -240,6 +240,24 @@ impl Feed {
         let _ = done.send(());
     }
 
+    /// Changes of `partition` pending in the member's group for longer
+    /// than its ack timeout, now the member's.
+    async fn claim_stale(
+        &self,
+        options: &MemberOptions,
+        partition: u16,
+    ) -> Result<Vec<LoggedChange>, StoreError> {
+        self.log
+            .claim_stale(
+                &options.group,
+                &options.member,
+                partition,
+                options.ack_timeout,
+                options.max_batch,
+            )
+            .await
+    }
+
     /// Delivers one partition's changes to a member, one batch at a time.
     /// Changes earlier owners left pending come first: until none is
     /// pending, the reader only claims stale ones (and waits for a batch a
@@ -263,39 +281,12 @@ impl Feed {
                         next_claim = Instant::now() + options.ack_timeout / 2;
                         continue;
                     }
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::warn!(%error, group, partition, "reading the change log failed");
-                        tokio::time::sleep(RETRY_AFTER).await;
-                        continue;
-                    }
+                    Ok(_) => self.claim_stale(&options, partition).await,
+                    Err(error) => Err(error),
                 }
-                let claimed = self
-                    .log
-                    .claim_stale(
-                        group,
-                        member,
-                        partition,
-                        options.ack_timeout,
-                        options.max_batch,
-                    )
-                    .await;
-                if claimed.as_ref().is_ok_and(Vec::is_empty) {
-                    tokio::time::sleep(PENDING_POLL.min(options.ack_timeout / 4)).await;
-                    continue;
-                }
-                claimed
             } else if Instant::now() >= next_claim {
                 next_claim = Instant::now() + options.ack_timeout / 2;
-                self.log
-                    .claim_stale(
-                        group,
-                        member,
-                        partition,
-                        options.ack_timeout,
-                        options.max_batch,
-                    )
-                    .await
+                self.claim_stale(&options, partition).await
             } else {
                 let wait = READ_WAIT.min(options.ack_timeout / 2);
                 self.log
@@ -315,6 +306,10 @@ impl Feed {
                 }
             };
             if changes.is_empty() {
+                if draining {
+                    // Pending with a live owner, or not idle long enough yet.
+                    tokio::time::sleep(PENDING_POLL.min(options.ack_timeout / 4)).await;
+                }
                 continue;
             }
             let full = changes.len() >= options.max_batch;
