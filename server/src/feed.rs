@@ -367,10 +367,9 @@ pub async fn run_projection(
         // Only a member that died with a batch in hand leaves one pending;
         // the partition's next owner writes it again after this.
         ack_timeout: Duration::from_secs(10),
-        // A read and an acknowledgement per batch, and a history write per
-        // user in it: at 1k changes/s over 16 partitions, 250 ms gather ~16
-        // changes per batch instead of one.
-        linger: Duration::from_millis(250),
+        // No linger: while Redis is down, reads come from the durable store,
+        // which must hold a change as soon as possible after it is logged.
+        linger: Duration::ZERO,
     };
     let mut member = loop {
         match feed.join(options.clone()).await {
