@@ -69,6 +69,16 @@ const STAND_IN_DEVICE: &str = "";
 /// How often at most the "queue full" error is logged.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(5);
 
+/// How long this node remembers a change it made through the hot store, for
+/// reads from the durable store (see [`Degraded::made`]): far above the
+/// history projection's usual lag (milliseconds), above its lag after a
+/// node holding partitions of it died (its members expire in seconds).
+const UNPROJECTED_WINDOW: Duration = Duration::from_secs(30);
+
+/// Most changes remembered for [`UNPROJECTED_WINDOW`]; past it the oldest
+/// are forgotten early. At 1,000 changes/s a node remembers all 30 s.
+const UNPROJECTED_CAPACITY: usize = 100_000;
+
 /// The node's degraded-mode state. parking_lot Mutex, not Tokio's: nothing
 /// async runs while it is held; each critical section is a few map and queue
 /// operations plus one `domain::apply`.
@@ -96,6 +106,11 @@ struct State {
     sessions: Option<HashMap<String, Vec<Session>>>,
     refused_since_log: u64,
     last_refusal_log: Option<Instant>,
+    /// The latest shown state of each user this node changed through the
+    /// hot store lately, and when.
+    unprojected: HashMap<String, (Shown, Instant)>,
+    /// The same changes oldest first, to forget them in order.
+    unprojected_order: VecDeque<(Instant, String, u64)>,
 }
 
 /// One user whose changes the hot store has not seen yet.
@@ -349,6 +364,67 @@ impl Degraded {
     /// Changes queued over all users.
     pub fn queued(&self) -> usize {
         self.state.lock().queued
+    }
+
+    /// This node just changed what contacts see of `user_id` through the
+    /// hot store. The durable store learns it from the history projection,
+    /// a moment later; should the hot store become unreachable before that,
+    /// reads from the durable store must still see it, or a user's version
+    /// goes back (or an online user reads as unknown). Remembered for
+    /// [`UNPROJECTED_WINDOW`] while the hot store answers; while it does
+    /// not, the projection cannot run, so nothing is forgotten by age.
+    pub fn made(&self, user_id: &str, shown: &Shown) {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let now = Instant::now();
+        while let Some((at, user, version)) = state.unprojected_order.front() {
+            let expired = !state.hot_down && now.duration_since(*at) > UNPROJECTED_WINDOW;
+            if !expired && state.unprojected_order.len() < UNPROJECTED_CAPACITY {
+                break;
+            }
+            if state
+                .unprojected
+                .get(user)
+                .is_some_and(|(shown, _)| shown.version == *version)
+            {
+                state.unprojected.remove(user);
+            }
+            state.unprojected_order.pop_front();
+        }
+        let newer = state
+            .unprojected
+            .get(user_id)
+            .is_none_or(|(known, _)| known.version < shown.version);
+        if newer {
+            state
+                .unprojected
+                .insert(user_id.to_owned(), (shown.clone(), now));
+            state
+                .unprojected_order
+                .push_back((now, user_id.to_owned(), shown.version));
+        }
+    }
+
+    /// Brings what the durable store answered for `user_ids` up to the
+    /// changes this node made lately ([`Degraded::made`]) where those are
+    /// newer.
+    pub fn add_unprojected(&self, user_ids: &[String], states: &mut [DurableState]) {
+        let state = self.state.lock();
+        if state.unprojected.is_empty() {
+            return;
+        }
+        for (user_id, durable) in user_ids.iter().zip(states) {
+            let Some((shown, _)) = state.unprojected.get(user_id) else {
+                continue;
+            };
+            if durable
+                .last
+                .as_ref()
+                .is_none_or(|last| last.version < shown.version)
+            {
+                durable.last = Some(HistoryRecord::of(user_id, shown, shown.last_seen_ms));
+            }
+        }
     }
 }
 
@@ -788,5 +864,34 @@ mod tests {
         let (record, _) = degraded.apply("bob", opened, 2_000, LIMITS).unwrap();
         assert_eq!(record.sessions.len(), 1);
         assert_eq!(record.sessions[0].device_id, "phone");
+    }
+
+    #[test]
+    fn reads_from_the_durable_store_see_the_newest_change_made_here() {
+        let degraded = Degraded::default();
+        let shown = |version| Shown {
+            status: VisibleStatus::Online,
+            version,
+            last_seen_ms: 5_000,
+            ..Shown::default()
+        };
+        degraded.made("bob", &shown(3_000_000));
+        degraded.made("bob", &shown(2_000_000));
+        let users = ["bob".to_owned(), "carol".to_owned(), "dave".to_owned()];
+        let mut states = vec![
+            seen(last(VisibleStatus::Offline, None, "")),
+            DurableState::default(),
+            seen(last(VisibleStatus::Busy, None, "")),
+        ];
+        degraded.add_unprojected(&users, &mut states);
+        let bob = states[0].last.as_ref().unwrap();
+        assert_eq!(
+            (bob.version, bob.status),
+            (3_000_000, VisibleStatus::Online)
+        );
+        assert_eq!(states[1], DurableState::default());
+        degraded.made("dave", &shown(500_000));
+        degraded.add_unprojected(&users, &mut states);
+        assert_eq!(states[2].last.as_ref().unwrap().status, VisibleStatus::Busy);
     }
 }

@@ -68,9 +68,6 @@ pub struct MemberOptions {
     pub max_batch: usize,
     /// Changes pending this long are taken from whoever read them.
     pub ack_timeout: Duration,
-    /// How long a reader waits after a batch that was not full before it
-    /// reads again: fewer, larger batches for a little more lag.
-    pub linger: Duration,
 }
 
 /// What a member receives.
@@ -312,7 +309,6 @@ impl Feed {
                 }
                 continue;
             }
-            let full = changes.len() >= options.max_batch;
             let id = self.batch_ids.fetch_add(1, Ordering::Relaxed);
             let (done, acked) = oneshot::channel();
             let offsets = changes.iter().map(|c| c.offset).collect();
@@ -327,9 +323,6 @@ impl Feed {
             }
             if acked.await.is_err() {
                 return;
-            }
-            if !full {
-                tokio::time::sleep(options.linger).await;
             }
         }
     }
@@ -367,9 +360,6 @@ pub async fn run_projection(
         // Only a member that died with a batch in hand leaves one pending;
         // the partition's next owner writes it again after this.
         ack_timeout: Duration::from_secs(10),
-        // No linger: while Redis is down, reads come from the durable store,
-        // which must hold a change as soon as possible after it is logged.
-        linger: Duration::ZERO,
     };
     let mut member = loop {
         match feed.join(options.clone()).await {

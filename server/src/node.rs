@@ -15,16 +15,16 @@ use crate::auth::Caller;
 use crate::config::Config;
 use crate::degraded::{self, Degraded, Popped};
 use crate::domain::{
-    Activity, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform, Session,
-    Shown, TransitionError, UserRecord, View, Viewer,
+    Activity, Applied, ChosenStatus, HistoryRecord, Limits, Mutation, OfflineReason, Platform,
+    Session, Shown, TransitionError, UserRecord, View, Viewer,
 };
 use crate::hub::{DeviceTaken, Hub};
 use crate::leases::{Expired, Leases, SessionKey, StreamEnd, StreamEnded};
 use crate::metrics;
 use crate::quota::{QuotaLimits, Quotas, StreamKind, StreamSlot};
 use crate::store::{
-    BusEvent, ChangeLog, ChoiceRecord, ContactStore, FanOut, HistoryStore, HotStore, StoreError,
-    choice_stamp,
+    BusEvent, ChangeLog, ChoiceRecord, ContactStore, DurableState, FanOut, HistoryStore, HotStore,
+    StoreError, StoreResult, choice_stamp,
 };
 
 /// The longest GetHistory waits for the history projection to write the
@@ -216,12 +216,7 @@ impl Node {
             mutation
         };
         let (record, applied) = loop {
-            match self
-                .backends
-                .hot
-                .apply(user_id, attempt, now, self.limits())
-                .await
-            {
+            match self.apply_hot(user_id, attempt, now, self.limits()).await {
                 Ok(done) => break done,
                 // Once restored, what the durable store does not know of the
                 // user is the default: the change builds on what is there.
@@ -254,6 +249,35 @@ impl Node {
             metrics::change();
         }
         Ok(record)
+    }
+
+    /// A change through the hot store, which logs it and fans it out. What
+    /// contacts see changed is remembered for reads from the durable store
+    /// until the history projection has surely written it there.
+    async fn apply_hot(
+        &self,
+        user_id: &str,
+        mutation: Mutation,
+        now: i64,
+        limits: Limits,
+    ) -> StoreResult<(UserRecord, Applied)> {
+        let (record, applied) = self
+            .backends
+            .hot
+            .apply(user_id, mutation, now, limits)
+            .await?;
+        if applied.shown_changed && self.durable_outlives_hot() {
+            self.degraded.made(user_id, &record.shown);
+        }
+        Ok((record, applied))
+    }
+
+    /// What the durable store knows of the users, including the changes
+    /// this node made that the history projection may not have written yet.
+    async fn durable_states(&self, user_ids: &[String]) -> StoreResult<Vec<DurableState>> {
+        let mut states = self.backends.history.durable(user_ids).await?;
+        self.degraded.add_unprojected(user_ids, &mut states);
+        Ok(states)
     }
 
     /// Puts this node's sessions of a user the hot store forgot back before
@@ -289,9 +313,7 @@ impl Node {
         }
         // A visible change is logged and published by the hot store itself.
         if let Err(error) = self
-            .backends
-            .hot
-            .apply(user_id, Mutation::Replay(updates), now, self.limits())
+            .apply_hot(user_id, Mutation::Replay(updates), now, self.limits())
             .await
         {
             tracing::warn!(%error, user_id, "re-asserting the sessions of a forgotten user failed");
@@ -359,9 +381,7 @@ impl Node {
     /// the user's choice could show an invisible user online.
     async fn start_holding(&self, user_id: &str, ending_own: bool) -> Result<(), ApiError> {
         let durable = self
-            .backends
-            .history
-            .durable(&[user_id.to_owned()])
+            .durable_states(&[user_id.to_owned()])
             .await
             .inspect_err(|_| metrics::backend_error("history"))?
             .pop()
@@ -432,9 +452,7 @@ impl Node {
             let count = changes.len();
             if !changes.is_empty() {
                 match self
-                    .backends
-                    .hot
-                    .apply(user_id, Mutation::Replay(changes), now_ms(), self.limits())
+                    .apply_hot(user_id, Mutation::Replay(changes), now_ms(), self.limits())
                     .await
                 {
                     Ok((record, _)) => converged = Some(record),
@@ -454,9 +472,7 @@ impl Node {
         };
         if record.shown.version < recorded.version {
             match self
-                .backends
-                .hot
-                .apply(
+                .apply_hot(
                     user_id,
                     Mutation::NotOlderThan(recorded.clone()),
                     now_ms(),
@@ -526,7 +542,7 @@ impl Node {
             if forgotten.is_empty() {
                 continue;
             }
-            let states = match self.backends.history.durable(&forgotten).await {
+            let states = match self.durable_states(&forgotten).await {
                 Ok(states) => states,
                 Err(error) => {
                     metrics::backend_error("history");
@@ -913,7 +929,7 @@ impl Node {
             return Ok(records);
         }
         let ids: Vec<String> = missing.iter().map(|i| user_ids[*i].clone()).collect();
-        let states = match self.backends.history.durable(&ids).await {
+        let states = match self.durable_states(&ids).await {
             Ok(states) => states,
             // The hot store answered: users it does not know read as unknown.
             Err(error) if hot_answered => {
@@ -979,7 +995,7 @@ impl Node {
             return Ok(());
         }
         let ids = [user_id.to_owned()];
-        let state = match self.backends.history.durable(&ids).await {
+        let state = match self.durable_states(&ids).await {
             Ok(states) => states.into_iter().next().unwrap_or_default(),
             Err(error) => {
                 metrics::backend_error("history");

@@ -921,6 +921,25 @@ fn a_read_between_a_hot_store_loss_and_an_outage_never_goes_back() {
     ]);
 }
 
+/// A change made through Redis a moment before it became unreachable was not
+/// in the durable store yet (the history projection writes it from the
+/// change log), so a read during the outage showed the user at an older
+/// version: here version 0, as the user had never been visible.
+#[test]
+fn a_read_during_an_outage_sees_the_change_made_just_before_it() {
+    replay_on_services(vec![
+        Step::Outage { ms: 1378 },
+        Step::LoseHotStore,
+        Step::Maintain,
+        Step::Touch {
+            user: 1,
+            device: 0,
+            idle: Some(false),
+        },
+        Step::Outage { ms: 1457 },
+    ]);
+}
+
 /// Changes queued during an outage were replayed at the time of the replay:
 /// a user who went invisible during it showed offline at a new version once
 /// the queue reached Redis (contacts saw the version move while invisible).

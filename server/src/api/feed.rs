@@ -134,7 +134,6 @@ fn member_options(start: pb::ConsumeStart) -> Result<MemberOptions, ApiError> {
         start: start_at,
         max_batch,
         ack_timeout,
-        linger: Duration::ZERO,
     })
 }
 
