@@ -112,6 +112,25 @@ pub struct Config {
     #[arg(long, env = "PRESENCE_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub redis_timeout: Duration,
 
+    /// How many Redis replicas must hold a visible change before it is
+    /// acknowledged (Redis WAIT), so that a master failover does not lose
+    /// it. 0, the default: replication is asynchronous, and a failover may
+    /// lose what the master acknowledged in its last moment. Costs a
+    /// replication round trip per visible change.
+    #[arg(
+        long,
+        env = "PRESENCE_REDIS_WAIT_REPLICAS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub redis_wait_replicas: u32,
+
+    /// The longest a change waits for --redis-wait-replicas. Past it (a
+    /// replica down or lagging) the change is acknowledged anyway, and
+    /// counted in presence_unreplicated_changes_total.
+    #[arg(long, env = "PRESENCE_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration, global = true)]
+    pub redis_wait_timeout: Duration,
+
     /// ScyllaDB (or any CQL server) contact points, comma-separated host:port.
     /// Unset: embedded contacts and history.
     #[arg(

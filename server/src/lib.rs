@@ -72,7 +72,7 @@ use crate::store::embedded::{
     EmbeddedContactStore, EmbeddedFanOut, EmbeddedHistoryStore, EmbeddedHotStore,
 };
 use crate::store::embedded_log::EmbeddedChangeLog;
-use crate::store::redis::RedisOptions;
+use crate::store::redis::{RedisOptions, ReplicaWait};
 use crate::store::{ChangeLog, ContactStore, FanOut, HistoryStore, HotStore};
 
 /// The backends a node runs on, as the configuration names them, with what
@@ -103,6 +103,10 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
         options.op_timeout = config.redis_timeout;
         options.partitions = config.log_partitions;
         options.log_retention = config.log_retention;
+        options.replica_wait = (config.redis_wait_replicas > 0).then_some(ReplicaWait {
+            replicas: config.redis_wait_replicas,
+            timeout: config.redis_wait_timeout,
+        });
         Some(store::redis::connect_with(options, hub.clone()).await?)
     };
     type Shared = (

@@ -19,6 +19,7 @@ pub const SNAPSHOT_SIZE: &str = "presence_snapshot_size";
 pub const BACKEND_ERRORS: &str = "presence_backend_errors_total";
 pub const HISTORY_BUFFERED: &str = "presence_history_buffered_rows";
 pub const PROJECTION_LAG: &str = "presence_projection_lag_seconds";
+pub const UNREPLICATED: &str = "presence_unreplicated_changes_total";
 
 pub fn describe() {
     // Connection bounds (connections.rs).
@@ -81,6 +82,10 @@ pub fn describe() {
         Unit::Seconds,
         "age of the oldest change in the last batch this node's history projection wrote"
     );
+    describe_counter!(
+        UNREPLICATED,
+        "changes acknowledged although fewer Redis replicas than --redis-wait-replicas held them within --redis-wait-timeout"
+    );
 }
 
 pub fn change() {
@@ -126,4 +131,8 @@ pub fn history_buffered(rows: usize) {
 
 pub fn projection_lag(lag: std::time::Duration) {
     gauge!(PROJECTION_LAG).set(lag.as_secs_f64());
+}
+
+pub fn unreplicated() {
+    counter!(UNREPLICATED).increment(1);
 }

@@ -9,11 +9,14 @@ use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
 
 use super::fanout::{PRESENCE, frame};
 use super::scripts::{CAS_RECORD, FORGET_NODE, LOST_NODES, RENEW_NODE};
-use super::{Error, Redis, RedisOptions, decode, encode, keys, millis};
+use super::{Error, Redis, RedisOptions, ReplicaWait, decode, encode, keys, millis};
 use crate::domain::{self, Applied, Limits, Mutation, TransitionError, UserRecord};
+use crate::metrics;
 use crate::store::{HotStore, StoreResult};
 
 /// Compare-and-set attempts of one `apply` before it gives up. Each losing
@@ -37,6 +40,7 @@ pub struct RedisHotStore {
     idle_record_ttl_ms: u64,
     claim_ttl_ms: u64,
     log_retention_ms: u64,
+    replica_wait: Option<ReplicaWait>,
     /// The nodes this instance renewed at least once: finding one of them
     /// gone from the store later means the store lost it.
     registered: Mutex<HashSet<String>>,
@@ -76,6 +80,7 @@ impl RedisHotStore {
             idle_record_ttl_ms: millis(options.idle_record_ttl).max(1),
             claim_ttl_ms: millis(options.reclaim_claim_ttl).max(1),
             log_retention_ms: millis(options.log_retention),
+            replica_wait: options.replica_wait,
             registered: Mutex::default(),
             marked: Mutex::default(),
         }
@@ -169,18 +174,21 @@ impl RedisHotStore {
             } else {
                 0
             };
-            let mut cas = CAS_RECORD.prepare_invoke();
-            cas.key(&key).key(keys.log(partition));
-            for node in &nodes {
-                cas.key(keys::node_index(slot, node));
-            }
-            for node in nodes_of(&before).difference(&nodes) {
-                cas.key(keys::node_index(slot, node));
-            }
+            let node_indexes: Vec<String> = nodes
+                .iter()
+                .chain(nodes_of(&before).difference(&nodes))
+                .map(|node| keys::node_index(slot, node))
+                .collect();
             let log_horizon = u64::try_from(now_ms)
                 .unwrap_or(0)
                 .saturating_sub(self.log_retention_ms);
-            cas.arg(revision)
+            let mut cas = redis::cmd("EVALSHA");
+            cas.arg(CAS_RECORD.get_hash())
+                .arg(2 + node_indexes.len())
+                .arg(&key)
+                .arg(keys.log(partition))
+                .arg(&node_indexes)
+                .arg(revision)
                 .arg(data)
                 .arg(user_id)
                 .arg(nodes.len())
@@ -189,8 +197,9 @@ impl RedisHotStore {
                 .arg(keys.bus_channel(partition))
                 .arg(frame(PRESENCE, user_id, b""))
                 .arg(log_horizon);
-            let (written, current_revision, current): (i64, u64, Vec<u8>) =
-                cas.invoke_async(&mut conn).await?;
+            let wait = self.replica_wait.filter(|_| applied.shown_changed);
+            let (written, current_revision, current) =
+                write_record(&mut conn, cas, slot, wait).await?;
             if written == 1 {
                 return Ok(Ok((record, applied)));
             }
@@ -232,6 +241,66 @@ impl RedisHotStore {
         users.dedup();
         Ok(users)
     }
+}
+
+/// Runs `cas`, the EVALSHA of [`CAS_RECORD`], loading the script where the
+/// master lacks it (a new master after a failover, or a restarted one). With
+/// `wait`, the script and a `WAIT` go to the slot's master in one pipeline,
+/// on one connection: `WAIT` counts the writes of its own connection. Should
+/// the master fail meanwhile, the client sends both again to the one that
+/// took over, where the change is then applied again, or found applied
+/// already (the revision moved), before it is acknowledged.
+async fn write_record(
+    conn: &mut ClusterConnection,
+    cas: redis::Cmd,
+    slot: u16,
+    wait: Option<ReplicaWait>,
+) -> Result<(i64, u64, Vec<u8>), Error> {
+    let mut loaded = false;
+    loop {
+        let written = match wait {
+            None => cas.query_async(conn).await,
+            Some(wait) => write_and_wait(conn, cas.clone(), slot, wait).await,
+        };
+        match written {
+            Err(error)
+                if !loaded && error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
+            {
+                CAS_RECORD.load_async(conn).await?;
+                loaded = true;
+            }
+            written => return Ok(written?),
+        }
+    }
+}
+
+async fn write_and_wait(
+    conn: &mut ClusterConnection,
+    cas: redis::Cmd,
+    slot: u16,
+    wait: ReplicaWait,
+) -> RedisResult<(i64, u64, Vec<u8>)> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(cas)
+        .cmd("WAIT")
+        .arg(wait.replicas)
+        .arg(millis(wait.timeout).max(1));
+    let master = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+    let replies = conn.route_pipeline(pipe, 0, 2, master).await?;
+    let Ok([written, replicas]) = <[Value; 2]>::try_from(replies) else {
+        return Err((ErrorKind::UnexpectedReturnType, "a reply per command").into());
+    };
+    let written = redis::from_redis_value(written.extract_error()?)?;
+    let replicas: u32 = redis::from_redis_value(replicas.extract_error()?)?;
+    if replicas < wait.replicas {
+        metrics::unreplicated();
+        tracing::debug!(
+            slot,
+            replicas,
+            "a change acknowledged before enough replicas held it"
+        );
+    }
+    Ok(written)
 }
 
 /// The nodes holding the record's sessions.

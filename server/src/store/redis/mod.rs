@@ -125,6 +125,21 @@ pub struct RedisOptions {
     /// How long a claim to reclaim a lost node lasts if its claimant stops
     /// renewing it (by looking for lost nodes). Default: 15 s.
     pub reclaim_claim_ttl: Duration,
+    /// Whether a visible change waits for replicas before it is
+    /// acknowledged. Default: no (replication is asynchronous).
+    pub replica_wait: Option<ReplicaWait>,
+}
+
+/// A visible change is acknowledged once `replicas` replicas of its master
+/// hold it (Redis `WAIT`), so that a master failover does not lose it: the
+/// failover promotes the replica that is furthest ahead. Past `timeout` (a
+/// replica down or lagging) the change is acknowledged anyway and counted
+/// ([`crate::metrics::UNREPLICATED`]): a lost replica must not stop
+/// presence.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaWait {
+    pub replicas: u32,
+    pub timeout: Duration,
 }
 
 impl RedisOptions {
@@ -138,6 +153,7 @@ impl RedisOptions {
             op_timeout: Duration::from_secs(5),
             idle_record_ttl: Duration::from_secs(30 * 24 * 3600),
             reclaim_claim_ttl: Duration::from_secs(15),
+            replica_wait: None,
         }
     }
 }
