@@ -107,8 +107,8 @@ struct State {
     refused_since_log: u64,
     last_refusal_log: Option<Instant>,
     /// The latest shown state of each user this node changed through the
-    /// hot store lately, and when.
-    unprojected: HashMap<String, (Shown, Instant)>,
+    /// hot store lately.
+    unprojected: HashMap<String, Shown>,
     /// The same changes oldest first, to forget them in order.
     unprojected_order: VecDeque<(Instant, String, u64)>,
 }
@@ -385,7 +385,7 @@ impl Degraded {
             if state
                 .unprojected
                 .get(user)
-                .is_some_and(|(shown, _)| shown.version == *version)
+                .is_some_and(|shown| shown.version == *version)
             {
                 state.unprojected.remove(user);
             }
@@ -394,11 +394,9 @@ impl Degraded {
         let newer = state
             .unprojected
             .get(user_id)
-            .is_none_or(|(known, _)| known.version < shown.version);
+            .is_none_or(|known| known.version < shown.version);
         if newer {
-            state
-                .unprojected
-                .insert(user_id.to_owned(), (shown.clone(), now));
+            state.unprojected.insert(user_id.to_owned(), shown.clone());
             state
                 .unprojected_order
                 .push_back((now, user_id.to_owned(), shown.version));
@@ -414,7 +412,7 @@ impl Degraded {
             return;
         }
         for (user_id, durable) in user_ids.iter().zip(states) {
-            let Some((shown, _)) = state.unprojected.get(user_id) else {
+            let Some(shown) = state.unprojected.get(user_id) else {
                 continue;
             };
             if durable

@@ -14,5 +14,5 @@ mod view;
 mod tests;
 
 pub use model::*;
-pub use transition::{Applied, Limits, Mutation, TransitionError, apply};
+pub use transition::{Applied, Limits, Mutation, TransitionError, apply, apply_stepwise};
 pub use view::{View, Viewer, history_view};

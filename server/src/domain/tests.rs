@@ -496,10 +496,16 @@ fn a_replay_applies_its_changes_in_order_as_one_and_skips_what_no_longer_applies
             },
         ),
     ]);
-    let applied = apply(&mut record, replay, 2_000, LIMITS).unwrap();
+    let (applied, steps) = apply_stepwise(&mut record, replay, 2_000, LIMITS).unwrap();
     assert!(applied.record_changed && applied.shown_changed);
     assert_eq!(record.shown.status, VisibleStatus::Busy);
     assert_eq!(record.shown.custom_message, "last");
+    // The step before the last, for the change log.
+    let shown: Vec<(&str, u64)> = steps
+        .iter()
+        .map(|step| (step.shown.custom_message.as_str(), step.shown.version))
+        .collect();
+    assert_eq!(shown, [("first", 1_500_000)]);
     assert_eq!(record.sessions[0].activity, Activity::Active);
     assert!(record.shown.version > before);
     // As shown when the last change was taken, not when it was replayed.

@@ -86,6 +86,45 @@ pub enum TransitionError {
     Forgotten,
 }
 
+/// Applies `mutation` as [`apply`] does and also returns, for a replay, the
+/// record after each of its changes that changed what contacts see, but the
+/// last (that one is the record itself): each is an event of the change log
+/// of its own, as it would have been had the change not waited for a replay.
+pub fn apply_stepwise(
+    record: &mut UserRecord,
+    mutation: Mutation,
+    now_ms: i64,
+    limits: Limits,
+) -> Result<(Applied, Vec<UserRecord>), TransitionError> {
+    match mutation {
+        Mutation::Replay(changes) => Ok(replay(record, changes, limits)),
+        mutation => Ok((apply(record, mutation, now_ms, limits)?, Vec::new())),
+    }
+}
+
+/// Applies each change at the time it was taken; see [`apply_stepwise`].
+fn replay(
+    record: &mut UserRecord,
+    changes: Vec<(i64, Mutation)>,
+    limits: Limits,
+) -> (Applied, Vec<UserRecord>) {
+    let before = record.clone();
+    let mut steps = Vec::new();
+    for (taken_ms, change) in changes {
+        let shown = record.shown.clone();
+        // Refused changes leave the record as it was.
+        if apply(record, change, taken_ms, limits).is_ok() && record.shown != shown {
+            steps.push(record.clone());
+        }
+    }
+    steps.pop();
+    let applied = Applied {
+        record_changed: *record != before,
+        shown_changed: record.shown != before.shown,
+    };
+    (applied, steps)
+}
+
 /// Applies one mutation at `now_ms` (Unix milliseconds). On error the record
 /// is left as it was.
 pub fn apply(
@@ -116,16 +155,7 @@ pub fn apply(
                 shown_changed: changed,
             });
         }
-        Mutation::Replay(changes) => {
-            for (taken_ms, change) in changes {
-                // Refused changes leave the record as it was.
-                let _ = apply(record, change, taken_ms, limits);
-            }
-            return Ok(Applied {
-                record_changed: *record != before,
-                shown_changed: record.shown != before.shown,
-            });
-        }
+        Mutation::Replay(changes) => return Ok(replay(record, changes, limits).0),
         Mutation::Open { session, status } => {
             // A reopen says what the device is doing now: the activity the
             // old connection last reported no longer holds.

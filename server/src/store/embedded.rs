@@ -13,7 +13,7 @@ use super::{
     BusEvent, ChoiceRecord, ContactStore, DurableState, FanOut, HistoryStore, HotStore, StoreError,
     StoreResult,
 };
-use crate::domain::{Applied, HistoryRecord, Limits, Mutation, UserRecord, apply};
+use crate::domain::{Applied, HistoryRecord, Limits, Mutation, UserRecord, apply_stepwise};
 use crate::hub::Hub;
 
 /// Hot state in a map. std-style (parking_lot) Mutex, not Tokio's: nothing
@@ -47,7 +47,7 @@ impl HotStore for EmbeddedHotStore {
     ) -> StoreResult<(UserRecord, Applied)> {
         let mut users = self.users.lock();
         let mut record = users.get(user_id).cloned().unwrap_or_default();
-        let applied = apply(&mut record, mutation, now_ms, limits)?;
+        let (applied, steps) = apply_stepwise(&mut record, mutation, now_ms, limits)?;
         if applied.record_changed {
             if record.is_empty() {
                 users.remove(user_id);
@@ -56,6 +56,9 @@ impl HotStore for EmbeddedHotStore {
             }
         }
         if applied.shown_changed {
+            for step in &steps {
+                self.log.append(user_id, step, now_ms);
+            }
             self.log.append(user_id, &record, now_ms);
             self.hub.deliver(&BusEvent::Presence {
                 user_id: user_id.to_owned(),

@@ -155,10 +155,11 @@ impl RedisHotStore {
                 decode("user record", &stored)?
             };
             let mut record = before.clone();
-            let applied = match domain::apply(&mut record, mutation.clone(), now_ms, limits) {
-                Ok(applied) => applied,
-                Err(refused) => return Ok(Err(refused)),
-            };
+            let (applied, steps) =
+                match domain::apply_stepwise(&mut record, mutation.clone(), now_ms, limits) {
+                    Ok(done) => done,
+                    Err(refused) => return Ok(Err(refused)),
+                };
             let nodes = nodes_of(&record);
             self.mark_slot(&mut conn, &nodes, slot).await?;
             if !applied.record_changed {
@@ -197,6 +198,9 @@ impl RedisHotStore {
                 .arg(keys.bus_channel(partition))
                 .arg(frame(PRESENCE, user_id, b""))
                 .arg(log_horizon);
+            for step in &steps {
+                cas.arg(encode("user record", step)?);
+            }
             let wait = self.replica_wait.filter(|_| applied.shown_changed);
             let (written, current_revision, current) =
                 write_record(&mut conn, cas, slot, wait).await?;

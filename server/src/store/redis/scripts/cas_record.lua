@@ -20,6 +20,8 @@
 -- ARGV[8]             the fan-out message's header; the record follows it
 -- ARGV[9]             the log's retention horizon: entries with older ids go
 --                     (approximately, a whole node of the stream at a time)
+-- ARGV[10 ..]         records to log before the new one, oldest first: the
+--                     steps of a replay of several changes, each an event
 --
 -- Returns {1, new revision, ""} when written, or {0, current revision,
 -- current record} when the revision moved, so the caller can retry without
@@ -54,6 +56,9 @@ for i = 3 + n, #KEYS do
 end
 
 if ARGV[6] == '1' then
+  for i = 10, #ARGV do
+    redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'u', ARGV[3], 'd', ARGV[i])
+  end
   redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[9], '*', 'u', ARGV[3], 'd', ARGV[2])
   redis.call('SPUBLISH', ARGV[7], ARGV[8] .. ARGV[2])
 end
