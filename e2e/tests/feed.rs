@@ -110,10 +110,21 @@ fn group_name(what: &str) -> String {
 
 /// Joins `group` as `member` with a short ack timeout.
 async fn join(server: &TestServer, group: &str, member: &str, start: FeedStart) -> Consumer {
+    join_reading(server, group, member, start, 1000).await
+}
+
+/// Like [`join`], with batches of at most `max_batch` changes.
+async fn join_reading(
+    server: &TestServer,
+    group: &str,
+    member: &str,
+    start: FeedStart,
+    max_batch: u32,
+) -> Consumer {
     let options = ConsumeOptions {
         consumer: member.to_owned(),
         start,
-        max_batch: 1000,
+        max_batch,
         ack_timeout: ACK_TIMEOUT,
         ..ConsumeOptions::new(group)
     };
@@ -423,14 +434,7 @@ async fn a_batch_a_vanished_member_never_acknowledged_goes_to_another_member() {
         let server = backend.start().await;
         let changers = Changers::start(&server, 1).await;
         let group = group_name("redelivery");
-        let options = |member: &str| ConsumeOptions {
-            consumer: member.to_owned(),
-            max_batch: 3,
-            ack_timeout: ACK_TIMEOUT,
-            ..ConsumeOptions::new(&group)
-        };
-        let admin = admin(&server).await;
-        let mut first = admin.consume(options("first")).await.unwrap();
+        let mut first = join_reading(&server, &group, "first", FeedStart::Latest, 3).await;
         assert!(matches!(next(&mut first).await, FeedUpdate::Assigned(_)));
         // The batch is read from the log after this, possibly well before
         // the test gets to look at it.
@@ -443,7 +447,7 @@ async fn a_batch_a_vanished_member_never_acknowledged_goes_to_another_member() {
         // Killed mid-batch: the stream goes without an ack.
         drop(first);
 
-        let mut second = admin.consume(options("second")).await.unwrap();
+        let mut second = join_reading(&server, &group, "second", FeedStart::Latest, 3).await;
         let mut seen = Seen::default();
         let redelivered = loop {
             let batch = next_batch(&mut second).await;
@@ -474,20 +478,13 @@ async fn a_redelivery_keeps_each_users_changes_in_order() {
         let server = backend.start().await;
         let changers = Changers::start(&server, 1).await;
         let group = group_name("redelivery-order");
-        let options = |member: &str| ConsumeOptions {
-            consumer: member.to_owned(),
-            max_batch: 3,
-            ack_timeout: ACK_TIMEOUT,
-            ..ConsumeOptions::new(&group)
-        };
-        let admin = admin(&server).await;
-        let mut first = admin.consume(options("first")).await.unwrap();
+        let mut first = join_reading(&server, &group, "first", FeedStart::Latest, 3).await;
         assert!(matches!(next(&mut first).await, FeedUpdate::Assigned(_)));
         let expected = changers.change(8).await;
         next_batch(&mut first).await;
         drop(first);
 
-        let mut second = admin.consume(options("second")).await.unwrap();
+        let mut second = join_reading(&server, &group, "second", FeedStart::Latest, 3).await;
         let seen = consume_all(&mut second, &expected, what).await;
         seen.assert_in_order(what);
         server.stop().await;

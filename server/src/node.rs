@@ -28,7 +28,7 @@ use crate::store::{
 };
 
 /// The longest GetHistory waits for the history projection to write the
-/// user's latest change (normally well under its 250 ms batching).
+/// user's latest change (normally milliseconds).
 const HISTORY_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// How often that wait looks again.
