@@ -1,7 +1,7 @@
 //! TLS on the node's own listener: native gRPC (the SDK, tonic) and gRPC-web
 //! (HTTP/1.1) over TLS, plaintext refused on the TLS port, optional client
 //! certificates (mTLS) and the admin rule tied to them, certificate reload
-//! without dropping open streams, and no plaintext on a network address
+//! (on demand and when the files change) without dropping open streams, and no plaintext on a network address
 //! unless asked for. Certificates are made here, with rcgen.
 
 mod support;
@@ -535,6 +535,65 @@ async fn a_reloaded_certificate_serves_new_connections_and_open_streams_stay() {
     .expect("bob's change reaches the open watch");
     assert_eq!(online.user_id, bob);
     bob_client.end_session().await.unwrap();
+    server.stop().await;
+}
+
+/// The certificate a new connection to `server` is served, once it is
+/// `expected`; panics if that takes more than `within`.
+async fn served_within(server: &TlsServer, expected: &[u8], within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let seen = tls_connect(server.addr, &server.ca_pem, &[b"h2"], None)
+            .await
+            .unwrap();
+        if served_cert(&seen) == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the certificate on disk was not served within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_certificate_renewed_on_disk_is_served_without_a_signal() {
+    let ca = new_ca("presence test CA");
+    let first = server_leaf(&ca, 1);
+    let server = TlsServer::start(
+        "renewed",
+        &ca,
+        &first,
+        None,
+        &["--tls-reload-interval", "100ms"],
+    )
+    .await;
+    served_within(&server, &first.der, Duration::ZERO).await;
+
+    // A Kubernetes Secret volume: the files are symlinks, swapped at once
+    // to a directory with the renewed pair.
+    let second = server_leaf(&ca, 2);
+    let renewed = server.dir.join("renewed");
+    std::fs::create_dir(&renewed).unwrap();
+    write_leaf(&renewed, &second);
+    for file in ["server.pem", "server.key"] {
+        let link = server.dir.join(format!("{file}.link"));
+        std::os::unix::fs::symlink(renewed.join(file), &link).unwrap();
+        std::fs::rename(&link, server.dir.join(file)).unwrap();
+    }
+    let polls = Duration::from_secs(5);
+    served_within(&server, &second.der, polls).await;
+
+    // A tool that rewrites the files in place, one at a time: the new
+    // certificate with the old key does not load and the last good pair
+    // is served until the key follows.
+    let third = server_leaf(&ca, 3);
+    std::fs::write(renewed.join("server.pem"), &third.cert_pem).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    served_within(&server, &second.der, Duration::ZERO).await;
+    std::fs::write(renewed.join("server.key"), &third.key_pem).unwrap();
+    served_within(&server, &third.der, polls).await;
     server.stop().await;
 }
 

@@ -64,21 +64,29 @@ pub struct Config {
 
     /// TLS certificate chain (PEM file, leaf first). With --tls-key, every
     /// connection does a TLS handshake (ALPN h2 and http/1.1: native gRPC
-    /// and gRPC-web) within --conn-handshake-timeout. Re-read on SIGHUP.
+    /// and gRPC-web) within --conn-handshake-timeout. Re-read on SIGHUP and
+    /// when its contents change (--tls-reload-interval).
     #[arg(long, env = "PRESENCE_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
 
     /// Private key of --tls-cert (PEM file: PKCS#8, PKCS#1 or SEC1).
-    /// Re-read on SIGHUP.
+    /// Re-read with it.
     #[arg(long, env = "PRESENCE_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
 
     /// CA certificate(s) (PEM file) that client certificates must chain to
     /// (mutual TLS). Client certificates stay optional: clients without one
     /// connect with their token alone; one that presents a certificate not
-    /// from this CA fails the handshake. Needs --tls-cert. Re-read on SIGHUP.
+    /// from this CA fails the handshake. Needs --tls-cert. Re-read with it.
     #[arg(long, env = "PRESENCE_TLS_CLIENT_CA", global = true)]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are read to see whether they changed (a
+    /// certificate renewed in place, a Kubernetes Secret updated); changed
+    /// files are loaded for new connections, as on SIGHUP. 0s: on SIGHUP
+    /// only.
+    #[arg(long, env = "PRESENCE_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub tls_reload_interval: Duration,
 
     /// Refuse calls made with an admin-scoped token (PERMISSION_DENIED)
     /// unless their connection presented a client certificate verified

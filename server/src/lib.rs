@@ -201,7 +201,8 @@ const DRAIN_STRAGGLERS: Duration = Duration::from_secs(3);
 /// Serves one node on `listener` until `shutdown` resolves, then drains:
 /// streams are told to go away, sessions linger through the grace period so
 /// their clients can move to another node, and the remaining ones end.
-/// With `--tls-cert` and `--tls-key`, the certificate is re-read on SIGHUP.
+/// With `--tls-cert` and `--tls-key`, the certificate is re-read on SIGHUP
+/// (and, by [`run_with_tls`], when the files change).
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -216,7 +217,8 @@ pub async fn run(
 }
 
 /// [`run`], with the TLS state given by the caller (who can then reload it,
-/// as SIGHUP does); `None` serves plaintext.
+/// as SIGHUP does); `None` serves plaintext. The files are polled for
+/// changes every `--tls-reload-interval`.
 pub async fn run_with_tls(
     config: Config,
     listener: TcpListener,
@@ -224,6 +226,9 @@ pub async fn run_with_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    if let Some(tls) = &tls {
+        tls.reload_on_change(config.tls_reload_interval);
+    }
     if tls.is_none() && !listener.local_addr()?.ip().is_loopback() {
         tracing::warn!(
             "plaintext on a network address (--insecure-listen): TLS must end in front of this node"

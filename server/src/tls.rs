@@ -1,5 +1,6 @@
 //! TLS on the node's own listener (`--tls-cert`, `--tls-key`), with optional
-//! client certificates (`--tls-client-ca`), reloaded on SIGHUP.
+//! client certificates (`--tls-client-ca`), reloaded on SIGHUP and when the
+//! files change.
 //!
 //! Every accepted connection does its rustls handshake in
 //! `connections::serve`, within `--conn-handshake-timeout`, before hyper
@@ -12,13 +13,18 @@
 //! request's extensions; with `--tls-require-client-cert-for-admin`, calls
 //! made with an admin-scoped token are refused without it.
 //!
-//! On reload ([`ServerTls::reload`], run on SIGHUP) the files are read again
-//! and new handshakes use the new configuration; connections already open
-//! keep theirs, so no stream is dropped. A file that does not load is logged
-//! and the previous configuration stays.
+//! On reload ([`ServerTls::reload`], run on SIGHUP, or when a poll every
+//! `--tls-reload-interval` finds the files' contents changed) the files are
+//! read again and new handshakes use the new configuration; connections
+//! already open keep theirs, so no stream is dropped. A file that does not
+//! load is logged and the previous configuration stays. Polling the contents
+//! rather than waiting for a signal serves renewals nobody signals: a
+//! Kubernetes Secret volume swaps its files behind a symlink, and a
+//! certificate tool may rewrite them in place.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rustls::RootCertStore;
@@ -54,6 +60,15 @@ impl TlsFiles {
             }),
             _ => None,
         }
+    }
+
+    /// The files' bytes, `None` for one that cannot be read.
+    fn contents(&self) -> Vec<Option<Vec<u8>>> {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|path| std::fs::read(path).ok())
+            .collect()
     }
 
     /// Reads the files into a server configuration.
@@ -109,6 +124,9 @@ fn read_certs(path: &Path, flag: &str) -> anyhow::Result<Vec<CertificateDer<'sta
 pub struct ServerTls {
     files: TlsFiles,
     current: RwLock<Arc<ServerConfig>>,
+    /// The files' contents when last loaded (or tried), so that a poll
+    /// reloads only files that changed, and reports a bad file once.
+    loaded_contents: Mutex<Vec<Option<Vec<u8>>>>,
 }
 
 impl ServerTls {
@@ -120,10 +138,12 @@ impl ServerTls {
     }
 
     pub fn new(files: TlsFiles) -> anyhow::Result<ServerTls> {
+        let loaded_contents = Mutex::new(files.contents());
         let config = files.load()?;
         Ok(ServerTls {
             files,
             current: RwLock::new(config),
+            loaded_contents,
         })
     }
 
@@ -136,9 +156,33 @@ impl ServerTls {
     /// connections keep the configuration they were made with. On error the
     /// current configuration stays.
     pub fn reload(&self) -> anyhow::Result<()> {
+        *self.loaded_contents.lock().expect("TLS contents lock") = self.files.contents();
         let config = self.files.load()?;
         *self.current.write().expect("TLS config lock") = config;
         Ok(())
+    }
+
+    /// [`ServerTls::reload`] if the files' contents differ from those last
+    /// loaded; `None` if they do not.
+    fn reload_if_changed(&self) -> Option<anyhow::Result<()>> {
+        let changed =
+            self.files.contents() != *self.loaded_contents.lock().expect("TLS contents lock");
+        changed.then(|| self.reload())
+    }
+
+    fn log_reload(&self, trigger: &str, outcome: anyhow::Result<()>) {
+        match outcome {
+            Ok(()) => tracing::info!(
+                cert = %self.files.cert.display(),
+                trigger,
+                "TLS certificate reloaded"
+            ),
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                trigger,
+                "TLS reload failed, keeping the previous certificate"
+            ),
+        }
     }
 
     /// Reloads on every SIGHUP, logging the outcome.
@@ -149,17 +193,30 @@ impl ServerTls {
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 let Some(tls) = tls.upgrade() else { return };
-                match tls.reload() {
-                    Ok(()) => {
-                        tracing::info!(cert = %tls.files.cert.display(), "TLS certificate reloaded")
-                    }
-                    Err(error) => tracing::error!(
-                        error = format!("{error:#}"),
-                        "TLS reload failed, keeping the previous certificate"
-                    ),
-                }
+                tls.log_reload("SIGHUP", tls.reload());
             }
         });
         Ok(())
+    }
+
+    /// Reads the files every `every` (never if zero) and reloads them when
+    /// their contents changed, logging the outcome.
+    pub fn reload_on_change(self: &Arc<Self>, every: Duration) {
+        if every.is_zero() {
+            return;
+        }
+        let tls = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut polls = tokio::time::interval(every);
+            polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            polls.tick().await;
+            loop {
+                polls.tick().await;
+                let Some(tls) = tls.upgrade() else { return };
+                if let Some(outcome) = tls.reload_if_changed() {
+                    tls.log_reload("the files changed", outcome);
+                }
+            }
+        });
     }
 }
