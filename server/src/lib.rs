@@ -194,6 +194,11 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<OpenedBackends> {
 /// batch and leave its group.
 const PROJECTION_LEAVES_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long a draining node's connections have had GOAWAY before its
+/// streams are told to go away: enough for a gateway on the same network
+/// to read it.
+const GOAWAY_HEAD_START: Duration = Duration::from_millis(200);
+
 /// How long after the grace period a draining node waits for clients to
 /// close their last streams.
 const DRAIN_STRAGGLERS: Duration = Duration::from_secs(3);
@@ -322,14 +327,22 @@ pub async fn run_with_tls(
     let draining_node = node.clone();
     let drain = async move {
         shutdown.await;
-        tracing::info!("draining: telling streams to go away");
+        tracing::info!("draining: closing the listener, then telling streams to go away");
         // Every name a checker may ask for, "" (the whole server) included.
         for service in ["", PRESENCE_SERVICE, CONTACTS_SERVICE, FEED_SERVICE] {
             health
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        draining_node.start_draining();
+        // This future's end closes the listener and sends every connection
+        // GOAWAY; the streams are told to go away a moment later. A gateway
+        // drops its idle connections to this node at the GOAWAY, so the
+        // streams' re-opens reach other nodes, instead of a refusal it
+        // cannot retry (a gRPC status) over a connection it kept.
+        tokio::spawn(async move {
+            tokio::time::sleep(GOAWAY_HEAD_START).await;
+            draining_node.start_draining();
+        });
     };
 
     let routes = Routes::builder()
