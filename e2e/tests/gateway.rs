@@ -714,7 +714,8 @@ struct Written {
     last_acked: Option<String>,
     unsure: Vec<String>,
     acks: u64,
-    errors: u64,
+    /// The failed writes, by their error.
+    errors: BTreeMap<String, u64>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -891,9 +892,9 @@ async fn a_rolling_restart_through_the_gateway_shows_no_one_offline_and_a_killed
                         written.unsure.clear();
                         written.acks += 1;
                     }
-                    Err(_) => {
+                    Err(error) => {
                         written.unsure.push(message);
-                        written.errors += 1;
+                        *written.errors.entry(error.to_string()).or_default() += 1;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -991,13 +992,15 @@ async fn a_rolling_restart_through_the_gateway_shows_no_one_offline_and_a_killed
 
     // No acknowledged change lost: what the service and the watchers show is
     // the last acknowledged message, or a later one whose answer was lost.
-    let (mut acks, mut errors) = (0, 0);
+    let (mut acks, mut errors) = (0, BTreeMap::<String, u64>::new());
     let sdk_users = &users[..sdk_sessions];
     let now = admin.get_presence(sdk_users).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for ((user, written), presence) in sdk_users.iter().zip(&written).zip(&now) {
         acks += written.acks;
-        errors += written.errors;
+        for (error, count) in &written.errors {
+            *errors.entry(error.clone()).or_default() += count;
+        }
         let acked = written.last_acked.as_deref().unwrap_or("");
         let allowed = |m: &str| m == acked || written.unsure.iter().any(|u| u == m);
         assert!(
@@ -1020,7 +1023,8 @@ async fn a_rolling_restart_through_the_gateway_shows_no_one_offline_and_a_killed
         }
     }
     println!(
-        "status changes during the deploy: {acks} acknowledged, {errors} failed (retried by the next write), 0 acknowledged lost"
+        "status changes during the deploy: {acks} acknowledged, {} failed (retried by the next write): {errors:?}, 0 acknowledged lost",
+        errors.values().sum::<u64>()
     );
     let everyone = admin.get_presence(&users).await.unwrap();
     let not_online: Vec<_> = everyone
