@@ -266,6 +266,13 @@ async fn get_presence(server: &TestServer, viewer: &str, user_id: &str) -> pb::P
     presences.remove(0)
 }
 
+/// What `viewer` sees of `user_id`, which must be offline.
+async fn seen_offline(server: &TestServer, viewer: &str, user_id: &str) -> pb::Presence {
+    let seen = get_presence(server, viewer, user_id).await;
+    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    seen
+}
+
 async fn set_status(
     server: &TestServer,
     user_id: &str,
@@ -290,9 +297,12 @@ async fn set_status(
         .expect("SetStatus answers the presence")
 }
 
-/// The versions of `user_id`'s history as GetHistory answers them, in its
+/// `user_id`'s history as the owner reads it through GetHistory, in its
 /// order.
-async fn history_versions(server: &TestServer, user_id: &str) -> Result<Vec<u64>, tonic::Status> {
+async fn history(
+    server: &TestServer,
+    user_id: &str,
+) -> Result<Vec<pb::HistoryEntry>, tonic::Status> {
     let request = authed(
         pb::GetHistoryRequest {
             user_id: user_id.to_owned(),
@@ -301,13 +311,19 @@ async fn history_versions(server: &TestServer, user_id: &str) -> Result<Vec<u64>
         },
         &token(user_id),
     );
-    let entries = server
+    Ok(server
         .presence()
         .await
         .get_history(request)
         .await?
         .into_inner()
-        .entries;
+        .entries)
+}
+
+/// The versions of `user_id`'s history as GetHistory answers them, in its
+/// order.
+async fn history_versions(server: &TestServer, user_id: &str) -> Result<Vec<u64>, tonic::Status> {
+    let entries = history(server, user_id).await?;
     Ok(entries.into_iter().map(|entry| entry.version).collect())
 }
 
@@ -337,9 +353,24 @@ where
     }
 }
 
+/// An SDK client of `user_id` on `device_id` whose session has opened.
+async fn open_session(
+    server: &TestServer,
+    user_id: &str,
+    device_id: &str,
+    options: SessionOptions,
+) -> PresenceClient {
+    let device = client(server, user_id, device_id).await;
+    device
+        .start_session(options)
+        .await
+        .unwrap_or_else(|error| panic!("{user_id}'s session on {device_id} opens: {error}"));
+    device
+}
+
 /// A server on both services where alice watches her contact bob, whose
-/// device has a session she has seen come online.
-struct BobOnline {
+/// device has opened a session.
+struct BobSession {
     server: TestServer,
     alice: String,
     bob: String,
@@ -348,31 +379,45 @@ struct BobOnline {
     device: PresenceClient,
     /// Whether that session was ever interrupted.
     interruptions: Interruptions,
-    online: pb::Presence,
 }
 
-impl BobOnline {
-    async fn start(services: &Services, device_id: &str) -> BobOnline {
+impl BobSession {
+    /// Alice's watch is open before bob's session, so it sees the session
+    /// arrive.
+    async fn open(services: &Services, device_id: &str, options: SessionOptions) -> BobSession {
         let server = services.start_server().await;
         let (alice, bob) = (user("alice"), user("bob"));
         befriend(&server, &alice, &[&bob]).await;
-        let mut watch = Watch::open(&server, &alice).await;
-        let device = client(&server, &bob, device_id).await;
-        device
-            .start_session(SessionOptions::default())
-            .await
-            .expect("session opens");
+        let watch = Watch::open(&server, &alice).await;
+        let device = open_session(&server, &bob, device_id, options).await;
         let interruptions = Interruptions::watch(&device);
-        let online = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
-        BobOnline {
+        BobSession {
             server,
             alice,
             bob,
             watch,
             device,
             interruptions,
-            online,
         }
+    }
+
+    /// Bob's session, and the presence of his alice saw come online.
+    async fn online(services: &Services, device_id: &str) -> (BobSession, pb::Presence) {
+        let mut session = BobSession::open(services, device_id, SessionOptions::default()).await;
+        let online = session
+            .watch
+            .wait_for(&session.bob, pb::VisibleStatus::Online)
+            .await;
+        (session, online)
+    }
+
+    /// Bob's session, invisible from the moment it opened.
+    async fn invisible(services: &Services, device_id: &str) -> BobSession {
+        let options = SessionOptions {
+            status: pb::UserStatus::Invisible,
+            ..SessionOptions::default()
+        };
+        BobSession::open(services, device_id, options).await
     }
 }
 
@@ -384,22 +429,14 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
         return;
     };
     let started = Instant::now();
-    let BobOnline {
-        server,
-        alice,
-        bob,
-        mut watch,
-        device: _bob_device,
-        interruptions: bob_interruptions,
-        online,
-    } = BobOnline::start(&services, "bob-laptop").await;
+    let (mut fixture, online) = BobSession::online(&services, "bob-laptop").await;
 
     let outage = Outage::begin(&services, Service::Redis);
     let down_at = Instant::now();
 
     // Reads fall back to the durable store (contacts too: alice's list says
     // she may see bob).
-    let seen = get_presence(&server, &alice, &bob).await;
+    let seen = get_presence(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Online, "{seen:?}");
     assert_eq!(seen.version, online.version);
     println!(
@@ -408,24 +445,33 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     );
 
     // A change is taken, recorded and delivered to this node's watchers.
-    let busy = set_status(&server, &bob, pb::UserStatus::Busy, "redis is down").await;
+    let busy = set_status(
+        &fixture.server,
+        &fixture.bob,
+        pb::UserStatus::Busy,
+        "redis is down",
+    )
+    .await;
     assert_eq!(busy.status(), pb::VisibleStatus::Busy);
     assert!(busy.version > online.version);
-    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Busy).await;
+    let delivered = fixture
+        .watch
+        .wait_for(&fixture.bob, pb::VisibleStatus::Busy)
+        .await;
     assert_eq!(delivered.version, busy.version);
     assert_eq!(delivered.custom_message, "redis is down");
 
     // Heartbeats keep bob's session alive through several leases.
     tokio::time::sleep(support::LEASE * 2).await;
-    let seen = get_presence(&server, &alice, &bob).await;
+    let seen = get_presence(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Busy, "{seen:?}");
-    bob_interruptions.assert_none("bob's heartbeat stream");
+    fixture.interruptions.assert_none("bob's heartbeat stream");
 
     // The change is in the history, and in the CQL store itself.
     let history = services.durable_history().await;
     let flushed = eventually(FLUSHED_WITHIN, "bob's busy change stored", || {
         let history = history.clone();
-        let bob = bob.clone();
+        let bob = fixture.bob.clone();
         async move {
             stored_versions(history.as_ref(), &bob)
                 .await
@@ -435,7 +481,7 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     .await;
     println!("the busy change was in the CQL store {flushed:?} after it was made");
     assert!(
-        history_versions(&server, &bob)
+        history_versions(&fixture.server, &fixture.bob)
             .await
             .unwrap()
             .contains(&busy.version)
@@ -447,7 +493,7 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     outage.end();
     let back_at = Instant::now();
     let converged = eventually(CONVERGED_WITHIN, "bob busy in redis again", || {
-        let record = services.hot_record(&bob);
+        let record = services.hot_record(&fixture.bob);
         async move {
             record.is_some_and(|r| {
                 r.shown.status == VisibleStatus::Busy
@@ -458,24 +504,27 @@ async fn redis_down_keeps_presence_answering_and_history_recording() {
     })
     .await;
     println!("redis held bob's busy state {converged:?} after it was back");
-    let seen = get_presence(&server, &alice, &bob).await;
+    let seen = get_presence(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Busy, "{seen:?}");
     assert_eq!(seen.custom_message, "redis is down");
 
     // The watch that lived through the outage carries on, now through the
     // fan-out again.
-    let online_again = set_status(&server, &bob, pb::UserStatus::Online, "").await;
-    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Online).await;
+    let online_again = set_status(&fixture.server, &fixture.bob, pb::UserStatus::Online, "").await;
+    let delivered = fixture
+        .watch
+        .wait_for(&fixture.bob, pb::VisibleStatus::Online)
+        .await;
     assert!(delivered.version >= online_again.version);
-    bob_interruptions.assert_none("bob's heartbeat stream");
-    let record = services.hot_record(&bob).expect("bob in redis");
+    fixture.interruptions.assert_none("bob's heartbeat stream");
+    let record = services.hot_record(&fixture.bob).expect("bob in redis");
     assert_eq!(record.shown.status, VisibleStatus::Online);
     println!(
         "whole test {:?}, {:?} after redis came back",
         started.elapsed(),
         back_at.elapsed()
     );
-    server.stop().await;
+    fixture.server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,20 +533,12 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
         return;
     };
     let started = Instant::now();
-    let BobOnline {
-        server,
-        alice,
-        bob,
-        mut watch,
-        device: _bob_device,
-        interruptions: bob_interruptions,
-        online,
-    } = BobOnline::start(&services, "bob-phone").await;
+    let (mut fixture, online) = BobSession::online(&services, "bob-phone").await;
     // Alice's contact list is cached in Redis after her first read once the
     // contacts change has deleted it for the second time.
     tokio::time::sleep(cached::SECOND_DELETE_AFTER + Duration::from_millis(200)).await;
-    get_presence(&server, &alice, &bob).await;
-    let cache_key = cached::cache_key(&alice);
+    get_presence(&fixture.server, &fixture.alice, &fixture.bob).await;
+    let cache_key = cached::cache_key(&fixture.alice);
     eventually(Duration::from_secs(5), "alice's contacts cached", || {
         let cached = services.redis_cli(&["EXISTS", &cache_key]);
         async move { cached.as_deref() == Some("1") }
@@ -521,13 +562,13 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
         (pb::UserStatus::Invisible, "", pb::VisibleStatus::Offline),
         (pb::UserStatus::Online, "", pb::VisibleStatus::Online),
     ] {
-        let presence = set_status(&server, &bob, status, message).await;
-        let delivered = watch.wait_for(&bob, shows).await;
+        let presence = set_status(&fixture.server, &fixture.bob, status, message).await;
+        let delivered = fixture.watch.wait_for(&fixture.bob, shows).await;
         assert_eq!(delivered.version, presence.version);
         made.push(presence.version);
     }
     // Reads keep working: presence from Redis, alice's contacts from the cache.
-    let seen = get_presence(&server, &alice, &bob).await;
+    let seen = get_presence(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert_eq!(seen.status(), pb::VisibleStatus::Online);
     assert_eq!(seen.version, *made.last().unwrap());
     // A minute down: the history projection holds every change in the
@@ -540,12 +581,18 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
         } else {
             (pb::UserStatus::Online, pb::VisibleStatus::Online)
         };
-        let presence = set_status(&server, &bob, status, &format!("round {round}")).await;
-        watch.wait_for(&bob, shows).await;
+        let presence = set_status(
+            &fixture.server,
+            &fixture.bob,
+            status,
+            &format!("round {round}"),
+        )
+        .await;
+        fixture.watch.wait_for(&fixture.bob, shows).await;
         made.push(presence.version);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    bob_interruptions.assert_none("bob's heartbeat stream");
+    fixture.interruptions.assert_none("bob's heartbeat stream");
     println!(
         "{} changes made while cassandra was down ({:?})",
         made.len() - 1,
@@ -557,7 +604,7 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
     let history = services.durable_history().await;
     let flushed = eventually(FLUSHED_WITHIN, "every change stored", || {
         let history = history.clone();
-        let (bob, made) = (bob.clone(), made.clone());
+        let (bob, made) = (fixture.bob.clone(), made.clone());
         async move {
             let stored = stored_versions(history.as_ref(), &bob).await;
             made.iter().all(|version| stored.contains(version))
@@ -565,7 +612,7 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
     })
     .await;
     println!("every change was in the CQL store {flushed:?} after it was back");
-    let answered = history_versions(&server, &bob)
+    let answered = history_versions(&fixture.server, &fixture.bob)
         .await
         .expect("GetHistory answers");
     let since_outage: Vec<u64> = answered
@@ -574,13 +621,13 @@ async fn scylla_down_keeps_presence_working_and_loses_no_history() {
         .filter(|version| *version >= made[0])
         .collect();
     assert_eq!(since_outage, made, "every change, in order, once");
-    bob_interruptions.assert_none("bob's heartbeat stream");
+    fixture.interruptions.assert_none("bob's heartbeat stream");
     println!(
         "whole test {:?}, {:?} after cassandra came back",
         started.elapsed(),
         back_at.elapsed()
     );
-    server.stop().await;
+    fixture.server.stop().await;
 }
 
 /// Redis lost users it held (here the whole cluster restarted empty) while
@@ -600,11 +647,7 @@ async fn users_redis_lost_come_back_from_scylla_as_they_left() {
         (&bob, pb::UserStatus::Invisible),
         (&carol, pb::UserStatus::Online),
     ] {
-        let device = client(&server, who, "phone").await;
-        device
-            .start_session(SessionOptions::default())
-            .await
-            .expect("session opens");
+        let device = open_session(&server, who, "phone", SessionOptions::default()).await;
         set_status(&server, who, status, "").await;
         device.end_session().await.expect("logout");
     }
@@ -631,8 +674,7 @@ async fn users_redis_lost_come_back_from_scylla_as_they_left() {
     );
 
     // A read of carol is answered from ScyllaDB, then served by Redis again.
-    let seen = get_presence(&server, &alice, &carol).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    let seen = seen_offline(&server, &alice, &carol).await;
     let refilled = eventually(
         CONVERGED_WITHIN,
         "carol back in Redis after a read",
@@ -653,19 +695,14 @@ async fn users_redis_lost_come_back_from_scylla_as_they_left() {
 
     // Bob comes back on a new device that says nothing of his status, before
     // anyone read him (a read would have put him back into Redis already).
-    let device = client(&server, &bob, "laptop").await;
-    device
-        .start_session(SessionOptions::default())
-        .await
-        .expect("session opens");
+    let _bob_laptop = open_session(&server, &bob, "laptop", SessionOptions::default()).await;
     let bob_hot = services.hot_record(&bob).expect("bob's session in Redis");
     assert_eq!(bob_hot.sessions.len(), 1, "{bob_hot:?}");
     assert_eq!(
         bob_hot.chosen,
         presence_server::domain::ChosenStatus::Invisible
     );
-    let seen = get_presence(&server, &alice, &bob).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    seen_offline(&server, &alice, &bob).await;
 }
 
 // ------------------------------------------- the choice is durable (issue 8/6)
@@ -698,23 +735,22 @@ async fn never_visible(watch: &mut Watch, user_id: &str, within: Duration) {
 
 /// The statuses of `user_id`'s history as the owner reads it.
 async fn history_statuses(server: &TestServer, user_id: &str) -> Vec<pb::VisibleStatus> {
-    let request = authed(
-        pb::GetHistoryRequest {
-            user_id: user_id.to_owned(),
-            page_size: 1000,
-            ..Default::default()
-        },
-        &token(user_id),
-    );
-    let entries = server
-        .presence()
+    let entries = history(server, user_id)
         .await
-        .get_history(request)
-        .await
-        .unwrap_or_else(|status| panic!("GetHistory failed: {status}"))
-        .into_inner()
-        .entries;
+        .unwrap_or_else(|status| panic!("GetHistory failed: {status}"));
     entries.iter().map(|entry| entry.status()).collect()
+}
+
+/// Asserts that `record` keeps the user's invisible choice and shows them
+/// offline.
+#[track_caller]
+fn assert_hidden(record: &UserRecord) {
+    assert_eq!(
+        record.chosen,
+        presence_server::domain::ChosenStatus::Invisible,
+        "{record:?}"
+    );
+    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
 }
 
 /// Waits until Redis holds `user_id`'s record with a session of `device`
@@ -743,11 +779,7 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
     let (alice, bob, dan) = (user("alice"), user("bob"), user("dan"));
     befriend(&server, &alice, &[&bob, &dan]).await;
     // Dan was seen once, and left.
-    let dan_device = client(&server, &dan, "dan-phone").await;
-    dan_device
-        .start_session(SessionOptions::default())
-        .await
-        .expect("session opens");
+    let dan_device = open_session(&server, &dan, "dan-phone", SessionOptions::default()).await;
     dan_device.end_session().await.expect("logout");
     // Both choose invisible with no device connected.
     for who in [&bob, &dan] {
@@ -767,18 +799,12 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
     let outage = Outage::begin(&services, Service::Redis);
     let mut devices = Vec::new();
     for who in [&bob, &dan] {
-        let device = client(&server, who, "laptop").await;
-        device
-            .start_session(SessionOptions::default())
-            .await
-            .expect("a session opens while redis is down");
-        devices.push(device);
+        devices.push(open_session(&server, who, "laptop", SessionOptions::default()).await);
     }
     never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
     never_visible(&mut watch, &dan, Duration::from_millis(200)).await;
     for who in [&bob, &dan] {
-        let seen = get_presence(&server, &alice, who).await;
-        assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+        seen_offline(&server, &alice, who).await;
         let own = get_presence(&server, who, who).await;
         assert_eq!(own.chosen_status(), pb::UserStatus::Invisible, "{own:?}");
     }
@@ -798,18 +824,11 @@ async fn invisible_chosen_offline_stays_hidden_when_a_device_opens_during_a_redi
     // Redis comes back empty: the replay keeps both invisible.
     outage.end();
     for who in [&bob, &dan] {
-        let record = reasserted(&services, who, "laptop").await;
-        assert_eq!(
-            record.chosen,
-            presence_server::domain::ChosenStatus::Invisible,
-            "{record:?}"
-        );
-        assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+        assert_hidden(&reasserted(&services, who, "laptop").await);
     }
     never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
     for who in [&bob, &dan] {
-        let seen = get_presence(&server, &alice, who).await;
-        assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+        seen_offline(&server, &alice, who).await;
     }
     server.stop().await;
 }
@@ -822,40 +841,22 @@ async fn invisible_from_the_first_session_stays_hidden_after_redis_restarts_empt
     let Some((services, _serial)) = setup().await else {
         return;
     };
-    let server = services.start_server().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut watch = Watch::open(&server, &alice).await;
-    let device = client(&server, &bob, "bob-phone").await;
-    device
-        .start_session(SessionOptions {
-            status: pb::UserStatus::Invisible,
-            ..SessionOptions::default()
-        })
-        .await
-        .expect("session opens");
-    let interruptions = Interruptions::watch(&device);
-    let seen = get_presence(&server, &alice, &bob).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    let mut fixture = BobSession::invisible(&services, "bob-phone").await;
+    seen_offline(&fixture.server, &fixture.alice, &fixture.bob).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     Outage::begin(&services, Service::Redis).end();
-    let record = reasserted(&services, &bob, "bob-phone").await;
-    assert_eq!(
-        record.chosen,
-        presence_server::domain::ChosenStatus::Invisible,
-        "{record:?}"
-    );
-    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
-    never_visible(&mut watch, &bob, Duration::from_secs(2)).await;
-    let seen = get_presence(&server, &alice, &bob).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    assert_hidden(&reasserted(&services, &fixture.bob, "bob-phone").await);
+    never_visible(&mut fixture.watch, &fixture.bob, Duration::from_secs(2)).await;
+    seen_offline(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert!(
-        history_statuses(&server, &bob).await.is_empty(),
+        history_statuses(&fixture.server, &fixture.bob)
+            .await
+            .is_empty(),
         "bob was never visible"
     );
-    interruptions.assert_none("bob's heartbeat stream");
-    server.stop().await;
+    fixture.interruptions.assert_none("bob's heartbeat stream");
+    fixture.server.stop().await;
 }
 
 /// 6c: a user who went invisible after being visible, with a device still
@@ -867,23 +868,18 @@ async fn invisible_after_visible_keeps_its_version_after_redis_restarts_empty() 
     let Some((services, _serial)) = setup().await else {
         return;
     };
-    let BobOnline {
-        server,
-        alice,
-        bob,
-        mut watch,
-        device: _bob_device,
-        interruptions,
-        online,
-    } = BobOnline::start(&services, "bob-tablet").await;
-    let hidden = set_status(&server, &bob, pb::UserStatus::Invisible, "").await;
+    let (mut fixture, online) = BobSession::online(&services, "bob-tablet").await;
+    let hidden = set_status(&fixture.server, &fixture.bob, pb::UserStatus::Invisible, "").await;
     assert_eq!(hidden.status(), pb::VisibleStatus::Offline);
     assert!(hidden.version > online.version);
-    let delivered = watch.wait_for(&bob, pb::VisibleStatus::Offline).await;
+    let delivered = fixture
+        .watch
+        .wait_for(&fixture.bob, pb::VisibleStatus::Offline)
+        .await;
     assert_eq!(delivered.version, hidden.version);
     let durable = services.durable_history().await;
     eventually(FLUSHED_WITHIN, "bob's invisible change stored", || {
-        let (durable, bob) = (durable.clone(), bob.clone());
+        let (durable, bob) = (durable.clone(), fixture.bob.clone());
         async move {
             durable
                 .last(&[bob])
@@ -896,13 +892,8 @@ async fn invisible_after_visible_keeps_its_version_after_redis_restarts_empty() 
     .await;
 
     Outage::begin(&services, Service::Redis).end();
-    let record = reasserted(&services, &bob, "bob-tablet").await;
-    assert_eq!(
-        record.chosen,
-        presence_server::domain::ChosenStatus::Invisible,
-        "{record:?}"
-    );
-    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
+    let record = reasserted(&services, &fixture.bob, "bob-tablet").await;
+    assert_hidden(&record);
     assert!(record.shown.version >= hidden.version, "{record:?}");
     assert_eq!(
         record.shown.last_seen_ms, hidden.last_seen_unix_ms,
@@ -913,14 +904,13 @@ async fn invisible_after_visible_keeps_its_version_after_redis_restarts_empty() 
         Some(presence_server::domain::OfflineReason::Invisible),
         "{record:?}"
     );
-    let seen = get_presence(&server, &alice, &bob).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
+    let seen = seen_offline(&fixture.server, &fixture.alice, &fixture.bob).await;
     assert!(seen.version >= hidden.version, "{seen:?}");
     assert_eq!(seen.last_seen_unix_ms, hidden.last_seen_unix_ms, "{seen:?}");
     assert_eq!(seen.offline_reason(), pb::OfflineReason::Logout, "{seen:?}");
-    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
-    interruptions.assert_none("bob's heartbeat stream");
-    server.stop().await;
+    never_visible(&mut fixture.watch, &fixture.bob, Duration::from_secs(1)).await;
+    fixture.interruptions.assert_none("bob's heartbeat stream");
+    fixture.server.stop().await;
 }
 
 /// Redis restarts empty while ScyllaDB is down too: the node cannot read
@@ -932,18 +922,7 @@ async fn invisible_stays_hidden_when_redis_restarts_empty_while_scylla_is_down()
     let Some((services, _serial)) = setup().await else {
         return;
     };
-    let server = services.start_server().await;
-    let (alice, bob) = (user("alice"), user("bob"));
-    befriend(&server, &alice, &[&bob]).await;
-    let mut watch = Watch::open(&server, &alice).await;
-    let device = client(&server, &bob, "bob-watch").await;
-    device
-        .start_session(SessionOptions {
-            status: pb::UserStatus::Invisible,
-            ..SessionOptions::default()
-        })
-        .await
-        .expect("session opens");
+    let mut fixture = BobSession::invisible(&services, "bob-watch").await;
     // Out of the node's buffer: only ScyllaDB knows bob's choice now.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -951,11 +930,12 @@ async fn invisible_stays_hidden_when_redis_restarts_empty_while_scylla_is_down()
     Outage::begin(&services, Service::Redis).end();
     tokio::time::sleep(NODE_LEASE * 2).await;
     // A change of bob's device while his choice cannot be read.
-    device
+    fixture
+        .device
         .set_activity(presence_sdk::Activity::Idle)
         .expect("activity sent");
-    never_visible(&mut watch, &bob, Duration::from_secs(2)).await;
-    if let Some(record) = services.hot_record(&bob) {
+    never_visible(&mut fixture.watch, &fixture.bob, Duration::from_secs(2)).await;
+    if let Some(record) = services.hot_record(&fixture.bob) {
         assert_eq!(
             record.chosen,
             presence_server::domain::ChosenStatus::Invisible,
@@ -964,15 +944,8 @@ async fn invisible_stays_hidden_when_redis_restarts_empty_while_scylla_is_down()
     }
 
     scylla.end();
-    let record = reasserted(&services, &bob, "bob-watch").await;
-    assert_eq!(
-        record.chosen,
-        presence_server::domain::ChosenStatus::Invisible,
-        "{record:?}"
-    );
-    assert_eq!(record.shown.status, VisibleStatus::Offline, "{record:?}");
-    never_visible(&mut watch, &bob, Duration::from_secs(1)).await;
-    let seen = get_presence(&server, &alice, &bob).await;
-    assert_eq!(seen.status(), pb::VisibleStatus::Offline, "{seen:?}");
-    server.stop().await;
+    assert_hidden(&reasserted(&services, &fixture.bob, "bob-watch").await);
+    never_visible(&mut fixture.watch, &fixture.bob, Duration::from_secs(1)).await;
+    seen_offline(&fixture.server, &fixture.alice, &fixture.bob).await;
+    fixture.server.stop().await;
 }

@@ -73,6 +73,16 @@ const DEPLOY_NODE_LEASE: Duration = Duration::from_secs(6);
 const GATEWAY_FAIL_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a kill -9, every SDK session is back through the gateway within this.
 const SDK_BACK_WITHIN: Duration = Duration::from_secs(5);
+/// curl's arguments for a gRPC-web call as a browser makes it, before the
+/// body and the URL.
+const GRPC_WEB_POST: [&str; 6] = [
+    "-X",
+    "POST",
+    "-H",
+    "content-type: application/grpc-web+proto",
+    "-H",
+    "x-grpc-web: 1",
+];
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -236,18 +246,15 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
     std::fs::write(&frame, [0u8; 5]).unwrap();
     let data = format!("@{}", frame.display());
     for version in ["--http1.1", "--http2"] {
-        let (ok, body) = gateway.curl(&[
-            version,
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/grpc-web+proto",
-            "-H",
-            "x-grpc-web: 1",
-            "--data-binary",
-            &data,
-            &format!("{}/grpc.health.v1.Health/Check", gateway.url()),
-        ]);
+        let url = format!("{}/grpc.health.v1.Health/Check", gateway.url());
+        let (ok, body) = gateway.curl(
+            &[
+                &[version][..],
+                &GRPC_WEB_POST,
+                &["--data-binary", &data, &url],
+            ]
+            .concat(),
+        );
         assert!(
             ok && body.contains("grpc-status:0"),
             "gRPC-web {version}: {body:?}"
@@ -277,13 +284,8 @@ async fn the_gateway_terminates_tls_and_serves_grpc_grpc_web_and_health() {
     let mut web_watch = Command::new("curl")
         .args(["-sS", "-N", "--http1.1", "--max-time", "20", "--cacert"])
         .arg(gateway.dir.join("tls/ca.pem"))
+        .args(GRPC_WEB_POST)
         .args([
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/grpc-web+proto",
-            "-H",
-            "x-grpc-web: 1",
             "-H",
             &format!("authorization: Bearer {}", token(&alice)),
             "--data-binary",

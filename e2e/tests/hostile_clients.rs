@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use presence_proto::v1 as pb;
-use support::{TestServer, admin_token, authed, token, user};
+use support::{TestServer, admin_token, authed, grpc_frame, token, user};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -38,15 +38,6 @@ async fn time_until_closed(mut stream: TcpStream, limit: Duration) -> Option<Dur
     }
 }
 
-/// A gRPC frame holding `message`.
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
-    let body = message.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    Bytes::from(frame)
-}
-
 /// A request body the test feeds frame by frame.
 type FedBody = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
 
@@ -63,6 +54,34 @@ async fn http2(server: &TestServer) -> (Sender, tokio::task::JoinHandle<()>) {
         let _ = connection.await;
     });
     (sender, closed)
+}
+
+type Http1Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A raw HTTP/1.1 connection; the returned task ends when the connection does.
+async fn http1(
+    server: &TestServer,
+) -> (
+    Http1Sender,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// A gRPC-web health check, its whole body at once, as a browser sends it.
+fn grpc_web_health_check_request() -> http::Request<Full<Bytes>> {
+    http::Request::post("/grpc.health.v1.Health/Check")
+        .header("host", "localhost")
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(Full::new(grpc_frame(&HealthCheckRequest {
+            service: String::new(),
+        })))
+        .unwrap()
 }
 
 /// A health check whose body the test sends when it likes.
@@ -384,20 +403,11 @@ async fn heartbeat_streams_are_not_cut_by_the_request_body_timeout() {
 #[tokio::test]
 async fn a_whole_body_that_arrives_in_time_is_answered_over_http1() {
     let server = TestServer::start_with(&["--request-body-timeout", "500ms"]).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, _connection) = http1(&server).await;
+    let response = sender
+        .send_request(grpc_web_health_check_request())
         .await
         .unwrap();
-    tokio::spawn(connection);
-    let request = http::Request::post("/grpc.health.v1.Health/Check")
-        .header("host", "localhost")
-        .header("content-type", "application/grpc-web+proto")
-        .header("x-grpc-web", "1")
-        .body(Full::new(grpc_frame(&HealthCheckRequest {
-            service: String::new(),
-        })))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let body = String::from_utf8_lossy(&body);
@@ -414,20 +424,11 @@ async fn an_http1_keep_alive_connection_lives_until_the_idle_timeout() {
         "1500ms",
     ])
     .await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let (mut sender, closed) = http1(&server).await;
+    let response = sender
+        .send_request(grpc_web_health_check_request())
         .await
         .unwrap();
-    let closed = tokio::spawn(connection);
-    let request = http::Request::post("/grpc.health.v1.Health/Check")
-        .header("host", "localhost")
-        .header("content-type", "application/grpc-web+proto")
-        .header("x-grpc-web", "1")
-        .body(Full::new(grpc_frame(&HealthCheckRequest {
-            service: String::new(),
-        })))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
     response.into_body().collect().await.unwrap();
     let start = Instant::now();
     tokio::time::timeout(Duration::from_secs(5), closed)

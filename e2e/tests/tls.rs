@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use presence_proto::v1 as pb;
@@ -27,7 +26,7 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::{VISIBLE_WITHIN, admin_token, authed, timer_flags, token, user};
+use support::{VISIBLE_WITHIN, admin_token, authed, grpc_frame, timer_flags, token, user};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -254,14 +253,6 @@ async fn tls_connect(
 /// The certificate the server presented on `stream`.
 fn served_cert(stream: &TlsStream<TcpStream>) -> Vec<u8> {
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-fn grpc_frame(message: &impl prost::Message) -> Bytes {
-    let body = message.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    Bytes::from(frame)
 }
 
 async fn befriend(channel: Channel, user: &str, contacts: &[&str]) -> Result<(), tonic::Status> {

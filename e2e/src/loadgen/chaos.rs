@@ -366,6 +366,32 @@ fn unended(soak: &Arc<Soak>, mut stream: Stream, what: &'static str) {
     });
 }
 
+/// Where `node` is, seen from a stream on `stream_node`.
+fn place(stream_node: usize, node: usize) -> &'static str {
+    if stream_node == node {
+        "same node"
+    } else {
+        "other node"
+    }
+}
+
+/// Waits for `stream`, which the server should end because of `cause`, to
+/// end, and counts how it did; one left open is kept as `unended` says.
+async fn await_end(
+    soak: &Arc<Soak>,
+    mut stream: Stream,
+    what: &'static str,
+    cause: &str,
+) -> String {
+    let how = end_of(&mut stream, CALL_TIMEOUT).await;
+    soak.outcomes
+        .count(format!("{what} ended ({cause}): {how}"));
+    if how.starts_with("still open") {
+        unended(soak, stream, what);
+    }
+    how
+}
+
 /// Logs user `u` out through `node`.
 async fn disconnect(soak: &Soak, u: usize, node: usize) -> Result<(), String> {
     let mut request = Request::new(pb::DisconnectRequest {
@@ -545,20 +571,9 @@ async fn command(
                     let soak = soak.clone();
                     // The old stream must be ended by the server (ABORTED);
                     // it is held, and keeps its request side open, until then.
-                    let place = if old_node == node {
-                        "same node"
-                    } else {
-                        "other node"
-                    };
+                    let cause = format!("new one on the {}", place(old_node, node));
                     tokio::spawn(async move {
-                        let mut old = old;
-                        let how = end_of(&mut old, CALL_TIMEOUT).await;
-                        soak.outcomes.count(format!(
-                            "replaced stream ended (new one on the {place}): {how}"
-                        ));
-                        if how.starts_with("still open") {
-                            unended(&soak, old, "replaced stream");
-                        }
+                        await_end(&soak, old, "replaced stream", &cause).await;
                     });
                 }
                 Err(why) => {
@@ -574,25 +589,15 @@ async fn command(
             }
             let stream_node = current.as_ref().map_or(0, |s| s.node);
             let node = soak.random_node();
-            let place = if stream_node == node {
-                "same node"
-            } else {
-                "other node"
-            };
+            let cause = format!("Disconnect on the {}", place(stream_node, node));
             if let Err(why) = disconnect(soak, u, node).await {
                 soak.outcomes
                     .count(format!("logout: Disconnect failed: {why}"));
                 soak.note(u, &format!("Disconnect failed: {why}"));
                 return;
             }
-            let mut stream = current.take().expect("checked above");
-            let how = end_of(&mut stream, CALL_TIMEOUT).await;
-            soak.outcomes.count(format!(
-                "logged-out stream ended (Disconnect on the {place}): {how}"
-            ));
-            if how.starts_with("still open") {
-                unended(soak, stream, "logged-out stream");
-            }
+            let stream = current.take().expect("checked above");
+            let how = await_end(soak, stream, "logged-out stream", &cause).await;
             soak.set_state(
                 u,
                 State::LoggedOut,

@@ -65,6 +65,13 @@ fn bearer(token: &str) -> anyhow::Result<AsciiMetadataValue> {
     Ok(format!("Bearer {token}").parse()?)
 }
 
+/// `message` with `token`, a minted [`bearer`] value, as its authorization.
+fn authorized<T>(message: T, token: AsciiMetadataValue) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", token);
+    request
+}
+
 impl Shared {
     pub fn new(cfg: RunConfig) -> anyhow::Result<Self> {
         let secret = cfg
@@ -160,6 +167,12 @@ impl Shared {
             .fetch_max(lag_us, Ordering::Relaxed);
     }
 
+    /// Counts a client that failed: why, under the errors, and in `failures`.
+    fn count_failure(&self, failures: &AtomicU64, why: String) {
+        self.errors.count(why);
+        Counters::add(failures, 1);
+    }
+
     /// Counts a stream that ended before the generator closed it.
     pub fn stream_ended(&self, place: &str, result: Result<(), tonic::Status>) {
         if self.stopping() {
@@ -223,13 +236,13 @@ pub async fn setup_contacts(shared: &Arc<Shared>, admin: &[Channel]) -> anyhow::
         .map(|(channel, w, contact_ids)| {
             let shared = shared.clone();
             async move {
-                let mut request = Request::new(pb::AddContactsRequest {
-                    user_id: watcher_user(&shared.cfg.user_prefix, w),
-                    contact_ids,
-                });
-                request
-                    .metadata_mut()
-                    .insert("authorization", shared.admin_token.clone());
+                let request = authorized(
+                    pb::AddContactsRequest {
+                        user_id: watcher_user(&shared.cfg.user_prefix, w),
+                        contact_ids,
+                    },
+                    shared.admin_token.clone(),
+                );
                 ContactsServiceClient::new(channel)
                     .add_contacts(request)
                     .await
@@ -281,6 +294,23 @@ pub async fn connect_all(shared: &Arc<Shared>) -> Vec<Option<Channel>> {
         .await
 }
 
+/// A place among the opens in flight; the task holds it until its stream
+/// opened or failed.
+async fn ramp_permit(gate: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    gate.clone()
+        .acquire_owned()
+        .await
+        .expect("the ramp gate is never closed")
+}
+
+/// Waits until `total` clients are `ready` or `failed`, at most --ramp-timeout.
+async fn ramp_settled(shared: &Shared, ready: &AtomicU64, failed: &AtomicU64, total: usize) {
+    wait_until(shared.cfg.ramp_timeout, || {
+        Counters::get(ready) + Counters::get(failed) >= total as u64
+    })
+    .await;
+}
+
 /// Starts every session, at `--ramp-rate` and `--ramp-concurrency` opens in
 /// flight; returns their tasks once all opened or failed (or the ramp timed
 /// out).
@@ -301,18 +331,16 @@ pub async fn open_sessions(
             Counters::add(&shared.counters.sessions_failed, 1);
             continue;
         };
-        let permit = gate
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the ramp gate is never closed");
+        let permit = ramp_permit(&gate).await;
         tasks.push(tokio::spawn(session(shared.clone(), i, channel, permit)));
     }
     let counters = &shared.counters;
-    wait_until(cfg.ramp_timeout, || {
-        Counters::get(&counters.sessions_opened) + Counters::get(&counters.sessions_failed)
-            >= cfg.sessions as u64
-    })
+    ramp_settled(
+        shared,
+        &counters.sessions_opened,
+        &counters.sessions_failed,
+        cfg.sessions,
+    )
     .await;
     tasks
 }
@@ -331,18 +359,16 @@ pub async fn open_watchers(
             Counters::add(&shared.counters.watchers_failed, 1);
             continue;
         };
-        let permit = gate
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the ramp gate is never closed");
+        let permit = ramp_permit(&gate).await;
         tasks.push(tokio::spawn(watcher(shared.clone(), w, channel, permit)));
     }
     let counters = &shared.counters;
-    wait_until(cfg.ramp_timeout, || {
-        Counters::get(&counters.watchers_ready) + Counters::get(&counters.watchers_failed)
-            >= cfg.watchers as u64
-    })
+    ramp_settled(
+        shared,
+        &counters.watchers_ready,
+        &counters.watchers_failed,
+        cfg.watchers,
+    )
     .await;
     tasks
 }
@@ -369,10 +395,12 @@ pub async fn open_consumers(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle
         }
     }
     let counters = &shared.counters;
-    wait_until(cfg.ramp_timeout, || {
-        Counters::get(&counters.consumers_ready) + Counters::get(&counters.consumers_failed)
-            >= cfg.consumers as u64
-    })
+    ramp_settled(
+        shared,
+        &counters.consumers_ready,
+        &counters.consumers_failed,
+        cfg.consumers,
+    )
     .await;
     tasks
 }
@@ -393,6 +421,33 @@ async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Opens a stream of `rpc` on `channel` with `call` once the connection is
+/// ready, or counts why not in `failures`.
+async fn open_stream<Req, Resp, Call, Opening>(
+    shared: &Shared,
+    failures: &AtomicU64,
+    channel: Channel,
+    rpc: &str,
+    call: Call,
+) -> Option<tonic::Streaming<Resp>>
+where
+    Call: FnOnce(tonic::client::Grpc<Channel>, SmallCodec<Req, Resp>) -> Opening,
+    Opening: Future<Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(error) = grpc.ready().await {
+        shared.count_failure(failures, format!("{rpc}: connection not ready: {error}"));
+        return None;
+    }
+    match call(grpc, SmallCodec::new(shared.cfg.client_buffer)).await {
+        Ok(response) => Some(response.into_inner()),
+        Err(status) => {
+            shared.count_failure(failures, format!("{rpc} open: {:?}", status.code()));
+            None
+        }
     }
 }
 
@@ -446,27 +501,20 @@ async fn session(shared: Arc<Shared>, i: usize, channel: Channel, permit: OwnedS
     let start = shared.clock.now_us();
     let (interval_tx, interval_rx) = oneshot::channel();
     let last_sent = Arc::new(AtomicU64::new(0));
-    let mut request = Request::new(beat_stream(shared.clone(), interval_rx, last_sent.clone()));
-    request
-        .metadata_mut()
-        .insert("authorization", shared.session_tokens[i].clone());
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let failed = |what: String| {
-        shared.errors.count(what);
-        Counters::add(&shared.counters.sessions_failed, 1);
+    let request = authorized(
+        beat_stream(shared.clone(), interval_rx, last_sent.clone()),
+        shared.session_tokens[i].clone(),
+    );
+    let failures = &shared.counters.sessions_failed;
+    let heartbeat = |mut grpc: tonic::client::Grpc<Channel>, codec| async move {
+        grpc.streaming(request, PathAndQuery::from_static(HEARTBEAT), codec)
+            .await
     };
-    if let Err(error) = grpc.ready().await {
-        return failed(format!("Heartbeat: connection not ready: {error}"));
-    }
-    let codec =
-        SmallCodec::<pb::HeartbeatRequest, pb::HeartbeatResponse>::new(shared.cfg.client_buffer);
-    let mut inbound = match grpc
-        .streaming(request, PathAndQuery::from_static(HEARTBEAT), codec)
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return failed(format!("Heartbeat open: {:?}", status.code())),
+    let Some(mut inbound) = open_stream(&shared, failures, channel, "Heartbeat", heartbeat).await
+    else {
+        return;
     };
+    let failed = |why: String| shared.count_failure(failures, why);
     match inbound.message().await {
         Ok(Some(pb::HeartbeatResponse {
             response: Some(pb::heartbeat_response::Response::Opened(opened)),
@@ -513,26 +561,18 @@ async fn session(shared: Arc<Shared>, i: usize, channel: Channel, permit: OwnedS
 /// numbers is a delivered change.
 async fn watcher(shared: Arc<Shared>, w: usize, channel: Channel, permit: OwnedSemaphorePermit) {
     let start = shared.clock.now_us();
-    let mut request = Request::new(pb::WatchContactsRequest::default());
-    request
-        .metadata_mut()
-        .insert("authorization", shared.watcher_tokens[w].clone());
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let failed = |what: String| {
-        shared.errors.count(what);
-        Counters::add(&shared.counters.watchers_failed, 1);
+    let request = authorized(
+        pb::WatchContactsRequest::default(),
+        shared.watcher_tokens[w].clone(),
+    );
+    let watch = |mut grpc: tonic::client::Grpc<Channel>, codec| async move {
+        grpc.server_streaming(request, PathAndQuery::from_static(WATCH), codec)
+            .await
     };
-    if let Err(error) = grpc.ready().await {
-        return failed(format!("WatchContacts: connection not ready: {error}"));
-    }
-    let codec =
-        SmallCodec::<pb::WatchContactsRequest, pb::PresenceEvent>::new(shared.cfg.client_buffer);
-    let mut inbound = match grpc
-        .server_streaming(request, PathAndQuery::from_static(WATCH), codec)
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return failed(format!("WatchContacts open: {:?}", status.code())),
+    let failures = &shared.counters.watchers_failed;
+    let opening = open_stream(&shared, failures, channel, "WatchContacts", watch);
+    let Some(mut inbound) = opening.await else {
+        return;
     };
     let stop = stopped(shared.stop.subscribe());
     tokio::pin!(stop);
@@ -641,13 +681,13 @@ pub async fn churn(shared: Arc<Shared>, channels: Arc<Vec<Option<Channel>>>, win
             u64::from(shared.watchers_of[user]),
         );
         Counters::add(&shared.counters.changes_sent, 1);
-        let mut request = Request::new(pb::SetStatusRequest {
-            status: pb::UserStatus::Online as i32,
-            custom_message: seq.to_string(),
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", shared.session_tokens[user].clone());
+        let request = authorized(
+            pb::SetStatusRequest {
+                status: pb::UserStatus::Online as i32,
+                custom_message: seq.to_string(),
+            },
+            shared.session_tokens[user].clone(),
+        );
         let (shared, channel) = (shared.clone(), channel.clone());
         tokio::spawn(async move {
             match PresenceServiceClient::new(channel)
@@ -698,8 +738,7 @@ pub async fn queries(shared: Arc<Shared>, channels: Arc<Vec<Option<Channel>>>, w
         let user_ids = (0..batch)
             .map(|j| session_user(&cfg.user_prefix, (first + j) % users))
             .collect();
-        let mut request = Request::new(pb::GetPresenceRequest { user_ids });
-        request.metadata_mut().insert("authorization", token);
+        let request = authorized(pb::GetPresenceRequest { user_ids }, token);
         let channel = live[n as usize % live.len()].clone();
         let shared = shared.clone();
         Counters::add(&shared.counters.gets_sent, 1);
@@ -730,14 +769,17 @@ pub async fn progress(shared: Arc<Shared>) {
     }
     let started = Instant::now();
     let c = &shared.counters;
-    let mut last = (
-        Instant::now(),
-        Counters::get(&c.beats_acked),
-        Counters::get(&c.changes_ok),
-        Counters::get(&c.events_matched),
-        Counters::get(&c.gets_ok),
-        Counters::get(&c.feed_events),
-    );
+    let rated_counts = || {
+        (
+            Instant::now(),
+            Counters::get(&c.beats_acked),
+            Counters::get(&c.changes_ok),
+            Counters::get(&c.events_matched),
+            Counters::get(&c.gets_ok),
+            Counters::get(&c.feed_events),
+        )
+    };
+    let mut last = rated_counts();
     let stop = stopped(shared.stop.subscribe());
     tokio::pin!(stop);
     loop {
@@ -745,14 +787,7 @@ pub async fn progress(shared: Arc<Shared>) {
             _ = tokio::time::sleep(every) => {}
             _ = &mut stop => return,
         }
-        let now = (
-            Instant::now(),
-            Counters::get(&c.beats_acked),
-            Counters::get(&c.changes_ok),
-            Counters::get(&c.events_matched),
-            Counters::get(&c.gets_ok),
-            Counters::get(&c.feed_events),
-        );
+        let now = rated_counts();
         let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-3);
         let rate = |a: u64, b: u64| (a - b) as f64 / secs;
         let p99 = |h: &super::stats::Histo| h.quantile_ms(0.99);

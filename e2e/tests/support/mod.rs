@@ -424,3 +424,12 @@ impl Interruptions {
         assert!(seen.is_empty(), "{what} was interrupted: {seen:?}");
     }
 }
+
+/// A gRPC frame holding `message`, for tests that speak gRPC below tonic.
+pub fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    bytes::Bytes::from(frame)
+}
