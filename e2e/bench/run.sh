@@ -44,7 +44,8 @@
 #   SOAK_DURATION    chaos duration (default 30m)
 #   SOAK_SESSIONS    users, one device session each (default 20000)
 #   SOAK_CHAOS_RATE  chaos actions per second (default 50)
-#   SOAK_KILL_AT     seconds into the chaos when node 1 is kill -9'd (default 1/3)
+#   SOAK_KILL_AT     seconds into the chaos when node 1 is kill -9'd (default 1/3;
+#                    none: no kill, so each node keeps its sessions throughout)
 #   SOAK_DOWN        how long it stays down before its restart (default 15s)
 #   SOAK_PORT        first node port (default 55000; metrics on +100)
 #   SOAK_REDIS_PORT  Redis Cluster base port (default 7500)
@@ -333,8 +334,10 @@ profile_soak() {
   start_cluster
   e2e/scripts/redis-cluster.sh flushall >/dev/null 2>&1
   dir=$(new_dir soak)
+  local killed="node 1 killed at +${kill_at}s of the chaos for $down"
+  [ "$kill_at" != none ] || killed="no node killed"
   {
-    echo "soak: duration $duration, sessions $sessions, chaos $rate/s, node 1 killed at +${kill_at}s of the chaos for $down"
+    echo "soak: duration $duration, sessions $sessions, chaos $rate/s, $killed"
     echo "node timers: $timers"
   } >>"$dir/machine.txt"
   # shellcheck disable=SC2086  # timers is a word list on purpose
@@ -364,7 +367,7 @@ profile_soak() {
     kill -0 "$lg" 2>/dev/null || break
     sleep 1
   done
-  if kill -0 "$lg" 2>/dev/null; then
+  if [ "$kill_at" != none ] && kill -0 "$lg" 2>/dev/null; then
     sleep "$kill_at"
     pid=${server_pids[1]}
     echo "$(date -Is) kill -9 node 1 (pid $pid)" >>"$dir/events.log"
