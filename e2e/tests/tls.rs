@@ -1,8 +1,9 @@
 //! TLS on the node's own listener: native gRPC (the SDK, tonic) and gRPC-web
 //! (HTTP/1.1) over TLS, plaintext refused on the TLS port, optional client
 //! certificates (mTLS) and the admin rule tied to them, certificate reload
-//! (on demand and when the files change) without dropping open streams, and no plaintext on a network address
-//! unless asked for. Certificates are made here, with rcgen.
+//! (on demand and when the files change) without dropping open streams,
+//! and no plaintext on a network address unless asked for. Certificates are
+//! made here, with rcgen.
 
 mod support;
 
